@@ -1,0 +1,278 @@
+"""The DPQ checkpoint format: the contract between calibration and serving (docs/FORMAT.md).
+
+A DPQ checkpoint is a Hugging Face model folder:
+- config.json with ``quantization_config`` (see ``DPQConfig``), ``quant_method == "dpq"``;
+- ``dpq_manifest.json``: format version and every quantized layer with its [N, K];
+- ``*.safetensors``: unquantized tensors as usual, and for each quantized layer ``P``:
+    P.weight_packed       int32   [N, ceil(K/8)]   INT4 codes, compressed-tensors layout
+    P.weight_group_scale  bf16 or float8_e4m3fn  [N, ceil(K/G)]   s_g (> 0, finite)
+    P.weight_scale        fp32    [1] or [N]        s_w (> 0, finite)
+    P.input_scale         fp32    [1]               s_x, static activation scheme only
+    P.bias                (unchanged, if the layer has one)
+Only safetensors are read: nothing in a checkpoint is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from vllm_dpq.numerics import SCALE_DTYPES, QuantizedWeight, Scheme
+from vllm_dpq.packing import packed_cols, unpack_int4
+
+QUANT_METHOD = "dpq"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MANIFEST = "dpq_manifest.json"
+
+PACKED, GROUP_SCALE, WEIGHT_SCALE, INPUT_SCALE = "weight_packed", "weight_group_scale", "weight_scale", "input_scale"
+QUANT_SUFFIXES = (PACKED, GROUP_SCALE, WEIGHT_SCALE, INPUT_SCALE)
+
+
+class CheckpointError(ValueError):
+    """A DPQ checkpoint is malformed. The message names the file, layer and tensor."""
+
+
+@dataclass
+class DPQConfig:
+    """``quantization_config`` of a DPQ checkpoint."""
+
+    scheme: Scheme
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+    algorithm: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    producer: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "weight_bits": 4,
+            **self.scheme.to_dict(),
+            "ignore": list(self.ignore),
+            "algorithm": dict(self.algorithm),
+            "calibration": dict(self.calibration),
+            "producer": self.producer,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DPQConfig":
+        if not isinstance(d, Mapping):
+            raise CheckpointError(f"quantization_config must be a JSON object, got {type(d).__name__}")
+        if d.get("quant_method") != QUANT_METHOD:
+            raise CheckpointError(f"quant_method is {d.get('quant_method')!r}, expected {QUANT_METHOD!r}")
+        version = d.get("format_version")
+        if version not in SUPPORTED_VERSIONS:
+            raise CheckpointError(
+                f"unsupported DPQ format_version {version!r}; this vllm-dpq reads {list(SUPPORTED_VERSIONS)}"
+                " (upgrade vllm-dpq for newer checkpoints)"
+            )
+        if d.get("weight_bits", 4) != 4:
+            raise CheckpointError(f"weight_bits must be 4, got {d.get('weight_bits')!r}")
+        try:
+            scheme = Scheme(
+                group_size=int(d["group_size"]),
+                fp8_max=float(d.get("fp8_max", 448.0)),
+                weight_scale=d.get("weight_scale", "tensor"),
+                group_scale_dtype=d.get("group_scale_dtype", "bfloat16"),
+                activation_scheme=d.get("activation_scheme", "dynamic"),
+            )
+        except KeyError as e:
+            raise CheckpointError(f"quantization_config lacks {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"quantization_config: {e}") from None
+        ignore = d.get("ignore", [])
+        if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
+            raise CheckpointError("quantization_config.ignore must be a list of strings")
+        return cls(
+            scheme=scheme,
+            ignore=ignore,
+            algorithm=dict(d.get("algorithm", {})),
+            calibration=dict(d.get("calibration", {})),
+            format_version=version,
+            producer=str(d.get("producer", "")),
+        )
+
+
+def expected_tensors(prefix: str, n: int, k: int, scheme: Scheme) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
+    """Name -> (shape, allowed dtypes) of the quantized tensors of one layer."""
+    out = {
+        f"{prefix}.{PACKED}": ((n, packed_cols(k)), (torch.int32,)),
+        f"{prefix}.{GROUP_SCALE}": ((n, scheme.num_groups(k)), (scheme.scale_dtype,)),
+        f"{prefix}.{WEIGHT_SCALE}": (((n,) if scheme.weight_scale == "channel" else (1,)), (torch.float32,)),
+    }
+    if scheme.activation_scheme == "static":
+        out[f"{prefix}.{INPUT_SCALE}"] = ((1,), (torch.float32,))
+    return out
+
+
+def check_scale(name: str, t: torch.Tensor) -> None:
+    """Scales must be finite and strictly positive."""
+    v = t.float()
+    if not torch.isfinite(v).all():
+        raise CheckpointError(f"tensor {name}: scale is not finite (NaN or Inf)")
+    if not (v > 0).all():
+        raise CheckpointError(f"tensor {name}: scale is not positive (min {v.min().item():g})")
+
+
+def validate_layer(prefix: str, tensors: Mapping[str, torch.Tensor], n: int, k: int, scheme: Scheme) -> None:
+    """Check one layer's tensors against the contract; raise CheckpointError naming the tensor."""
+    for name, (shape, dtypes) in expected_tensors(prefix, n, k, scheme).items():
+        if name not in tensors:
+            raise CheckpointError(f"layer {prefix}: missing tensor {name}")
+        t = tensors[name]
+        if t.dtype not in dtypes:
+            raise CheckpointError(f"tensor {name}: dtype {t.dtype}, expected {' or '.join(map(str, dtypes))}")
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"tensor {name}: shape {list(t.shape)}, expected {list(shape)} (layer [N, K] = [{n}, {k}])")
+        if not name.endswith(PACKED):
+            check_scale(name, t)
+    if scheme.activation_scheme == "dynamic" and f"{prefix}.{INPUT_SCALE}" in tensors:
+        raise CheckpointError(
+            f"tensor {prefix}.{INPUT_SCALE} present but activation_scheme is 'dynamic': config and tensors disagree"
+        )
+
+
+def to_quantized_weight(prefix: str, tensors: Mapping[str, torch.Tensor], k: int, scheme: Scheme) -> QuantizedWeight:
+    return QuantizedWeight(
+        q=unpack_int4(tensors[f"{prefix}.{PACKED}"], k),
+        group_scale=tensors[f"{prefix}.{GROUP_SCALE}"],
+        weight_scale=tensors[f"{prefix}.{WEIGHT_SCALE}"],
+        group_size=scheme.group(k),
+    )
+
+
+def layer_tensors(prefix: str, qw: QuantizedWeight, input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The tensors a writer stores for one quantized layer."""
+    from vllm_dpq.packing import pack_int4
+
+    out = {
+        f"{prefix}.{PACKED}": pack_int4(qw.q),
+        f"{prefix}.{GROUP_SCALE}": qw.group_scale.contiguous(),
+        f"{prefix}.{WEIGHT_SCALE}": qw.weight_scale.float().reshape(-1).contiguous(),
+    }
+    if input_scale is not None:
+        out[f"{prefix}.{INPUT_SCALE}"] = input_scale.float().reshape(1).contiguous()
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def is_dpq_checkpoint(path: str | os.PathLike) -> bool:
+    cfg = Path(path) / "config.json"
+    try:
+        q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
+
+
+def load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every *.safetensors file in folder (no pickle, ever)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors files (DPQ checkpoints never use pickle/.bin)")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            part = load_file(str(f))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{f.name}: cannot read safetensors file ({e})") from None
+        dup = tensors.keys() & part.keys()
+        if dup:
+            raise CheckpointError(f"{f.name}: tensor {sorted(dup)[0]} also stored in another file")
+        tensors.update(part)
+    return tensors
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    hf_config: dict[str, Any]
+    config: DPQConfig
+    layers: dict[str, tuple[int, int]]  # prefix -> (N, K)
+    tensors: dict[str, torch.Tensor]
+
+    def quantized(self, prefix: str) -> QuantizedWeight:
+        return to_quantized_weight(prefix, self.tensors, self.layers[prefix][1], self.config.scheme)
+
+    def input_scale(self, prefix: str) -> torch.Tensor | None:
+        return self.tensors.get(f"{prefix}.{INPUT_SCALE}")
+
+    def unquantized_tensors(self) -> dict[str, torch.Tensor]:
+        quant = {f"{p}.{s}" for p in self.layers for s in QUANT_SUFFIXES}
+        return {k: v for k, v in self.tensors.items() if k not in quant}
+
+
+def read_manifest(path: Path) -> dict[str, tuple[int, int]]:
+    m = _load_json(path / MANIFEST)
+    if not isinstance(m, dict) or m.get("format_version") not in SUPPORTED_VERSIONS:
+        raise CheckpointError(
+            f"{MANIFEST}: unsupported or missing format_version {m.get('format_version') if isinstance(m, dict) else None!r}"
+        )
+    layers = m.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise CheckpointError(f"{MANIFEST}: 'layers' must be a non-empty object")
+    out = {}
+    for name, info in layers.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
+            raise CheckpointError(f"{MANIFEST}: layer {name}: 'shape' must be [N, K] positive integers")
+        out[name] = (shape[0], shape[1])
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and fully validate a DPQ checkpoint folder."""
+    path = Path(path)
+    hf_config = _load_json(path / "config.json")
+    if not isinstance(hf_config, dict) or "quantization_config" not in hf_config:
+        raise CheckpointError(f"{path / 'config.json'}: no quantization_config (not a DPQ checkpoint)")
+    config = DPQConfig.from_dict(hf_config["quantization_config"])
+    layers = read_manifest(path)
+    tensors = load_safetensors(path)
+    for prefix, (n, k) in layers.items():
+        validate_layer(prefix, tensors, n, k, config.scheme)
+        if f"{prefix}.weight" in tensors:
+            raise CheckpointError(f"layer {prefix}: both a quantized and an unquantized weight are stored")
+    known = {f"{p}.{s}" for p in layers for s in QUANT_SUFFIXES}
+    stray = sorted(n for n in tensors if n.endswith(tuple("." + s for s in QUANT_SUFFIXES)) and n not in known)
+    if stray:
+        raise CheckpointError(f"tensor {stray[0]}: quantized tensor of a layer not in {MANIFEST}")
+    return Checkpoint(path, hf_config, config, layers, tensors)
+
+
+def write_manifest(path: Path, layers: Mapping[str, tuple[int, int]]) -> None:
+    data = {"format_version": FORMAT_VERSION, "layers": {k: {"shape": list(v)} for k, v in sorted(layers.items())}}
+    (path / MANIFEST).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def scale_summary(t: torch.Tensor) -> str:
+    v = t.float()
+    return f"[{v.min().item():.3g}, {v.max().item():.3g}]"
+
+
+__all__ = [
+    "QUANT_METHOD", "FORMAT_VERSION", "MANIFEST", "CheckpointError", "DPQConfig", "Checkpoint",
+    "read_checkpoint", "validate_layer", "expected_tensors", "layer_tensors", "write_manifest",
+    "is_dpq_checkpoint", "SCALE_DTYPES",
+]
