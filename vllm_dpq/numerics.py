@@ -208,6 +208,24 @@ def quantize_activation(
     return fp8_round(x.float() / s_x, fp8_max), s_x
 
 
+def w4a8_matmul(
+    x: torch.Tensor,
+    w8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    fp8_max: float,
+    input_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Y = (X8 @ W8^T) in fp32 * s_x * s_w + bias, as out_dtype. w8: FP8 values (any float dtype)."""
+    shape = x.shape
+    x8, s_x = quantize_activation(x.reshape(-1, shape[-1]), input_scale, fp8_max)
+    y = (x8 @ w8.float().t()) * s_x * weight_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype).reshape(*shape[:-1], -1)
+
+
 def reference_linear(
     x: torch.Tensor,
     qw: QuantizedWeight,
@@ -217,10 +235,4 @@ def reference_linear(
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """Ground truth W4A8 linear: FP8 x FP8 products summed in fp32, scaled, bias, out_dtype."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    x8, s_x = quantize_activation(x2, input_scale, fp8_max)
-    y = (x8 @ qw.fp8(fp8_max).t()) * s_x * qw.weight_scale.float().reshape(1, -1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype).reshape(*shape[:-1], -1)
+    return w4a8_matmul(x, qw.fp8(fp8_max), qw.weight_scale, fp8_max, input_scale, bias, out_dtype)

@@ -1,0 +1,282 @@
+"""Layer quantizers behind one interface: rtn, gptq (FP8-unaware), dpq; plus GAR / act-order.
+
+    result = quantize_layer(W, H, recipe)     # W [N, K] fp32, H [K, K] (None for rtn)
+
+``gptq`` and ``dpq`` share one GPTQ engine (OBS error feedback, lazy block updates); they
+differ only in the quantizer ("chain") inside the loop:
+  gptq: w -> s_w * q * s_g                      INT4 only; FP8 rounding left to inference
+  dpq:  w -> s_w * fp8(clamp(q * s_g))          the whole INT4 -> FP8 chain (DPQ spec section 3)
+Scales are fitted up front on the original weight (the paper's recipe); with
+``refit_scales`` the group scales are refitted on the error-updated weight as the loop
+enters each group (AutoGPTQ-style), which the paper's reference does not do.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from vllm_dpq.numerics import (
+    FP8_DTYPE, QuantizedWeight, Scheme, compute_weight_scale, expand_groups, pack_result,
+    protective_range, quantize_codes, round_scale,
+)
+
+logger = logging.getLogger("calibration")
+
+METHODS = ("rtn", "gptq", "dpq")
+ORDERS = ("none", "gar", "act")
+SCALE_SEARCHES = ("max", "mse")
+CODES = ("round", "nearest")
+MSE_SHRINKS = torch.arange(60, 106).float() / 100  # candidate s_g / s_g(max) for the mse search
+PAPER_RECIPE = dict(scale_search="max", codes="round", refit_scales=False, hessian_fp8=False)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: str = "dpq"
+    scheme: Scheme = field(default_factory=Scheme)
+    order: str = "none"  # none | gar (group-aware reordering) | act (GPTQ act-order, fixed scales)
+    damp: float = 0.01
+    block_size: int = 128
+    scale_search: str = "mse"  # max: s_g = 2 max|W8|/15 (paper) | mse: best of a grid of shrinks
+    codes: str = "nearest"  # round: q = round(w / s_g) (paper) | nearest: q minimising the chain error
+    refit_scales: bool = False
+    hessian_fp8: bool = False  # Hessian from FP8-quantized inputs (what inference sees)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.scale_search not in SCALE_SEARCHES:
+            raise ValueError(f"scale_search must be one of {SCALE_SEARCHES}, got {self.scale_search!r}")
+        if self.codes not in CODES:
+            raise ValueError(f"codes must be one of {CODES}, got {self.codes!r}")
+        if self.order == "act" and self.refit_scales:
+            raise ValueError("act-order mixes groups, so scales cannot be refitted per group: drop one of the two")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp must be in [0, 1), got {self.damp}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.method != "rtn"
+
+    @property
+    def fp8_aware(self) -> bool:
+        return self.method != "gptq"
+
+    def chain(self) -> "Chain":
+        return Chain(self.scheme, self.fp8_aware, self.scale_search, self.codes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("scheme")
+        return d
+
+
+@dataclass
+class LayerResult:
+    qw: QuantizedWeight
+    w_eff: torch.Tensor  # s_w * fp8(q * s_g): what inference computes with, fp32 (all methods)
+    loss: float  # GPTQ's sum of squared, Hinv-weighted errors (0 for rtn)
+
+
+class Chain:
+    """Scale fitting and the in-loop quantizer of one layer.
+
+    fp8_aware: the quantizer is the whole chain s_w * fp8(q * s_g) (rtn, dpq), else INT4 only
+    (gptq). scale_search "mse" picks, per group, the shrink of the max-based scale that
+    minimises the quantizer's diag(H)-weighted squared error; codes "nearest" picks among
+    round(w / s_g) and its two neighbours the code whose chain output is closest to w (with
+    FP8 rounding the chain's grid is not uniform, so plain rounding can miss the nearest point).
+    """
+
+    def __init__(self, scheme: Scheme, fp8_aware: bool, scale_search: str = "max", codes: str = "round"):
+        self.scheme, self.fp8_aware = scheme, fp8_aware
+        self.scale_search, self.nearest = scale_search, codes == "nearest" and fp8_aware
+        self.pr = protective_range(scheme.fp8_max)
+
+    def max_scale(self, w: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+        """s_g of groups w [N, G', g] (un-rounded): 2 * max|W8| / 15."""
+        v = (w / s_w.reshape(-1, 1, 1)).clamp(-self.pr, self.pr)
+        if self.fp8_aware:
+            v = v.to(FP8_DTYPE).float()
+        return 2 * v.abs().amax(dim=-1) / 15
+
+    def group_scale(self, w: torch.Tensor, s_w: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
+        """Rounded s_g [N, G'] for groups w [N, G', g]; diag [G', g] weights the mse search."""
+        s_max = self.max_scale(w, s_w)
+        rnd = lambda s: round_scale(s, self.scheme.scale_dtype, self.scheme.fp8_max)  # noqa: E731
+        if self.scale_search == "max":
+            return rnd(s_max)
+        best_s, best_e = rnd(s_max), None
+        for shrink in MSE_SHRINKS.tolist():
+            s = rnd(s_max * shrink)
+            _, w_eff = self(w, s_w.reshape(-1, 1, 1), s.unsqueeze(-1))
+            e = (w - w_eff) ** 2
+            e = (e * diag if diag is not None else e).sum(-1)
+            better = e < best_e if best_e is not None else torch.ones_like(e, dtype=torch.bool)
+            best_e = e if best_e is None else torch.where(better, e, best_e)
+            best_s = torch.where(better, s, best_s)
+        return best_s
+
+    def fit(self, w: torch.Tensor, diag: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        n, k = w.shape
+        g = self.scheme.group(k)
+        s_w = compute_weight_scale(w, self.scheme.weight_scale == "channel", self.scheme.fp8_max)
+        pad = (-k) % g
+        groups = torch.nn.functional.pad(w, (0, pad)).reshape(n, -1, g)
+        d = None if diag is None else torch.nn.functional.pad(diag, (0, pad)).reshape(-1, g)
+        return s_w, self.group_scale(groups, s_w, d)
+
+    def __call__(self, w: torch.Tensor, s_w: torch.Tensor, s_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, w_eff) of w with scales broadcastable to it (s_w along dim 0)."""
+        s_w = s_w.reshape(-1, *([1] * (w.ndim - 1)))
+        q = quantize_codes(w, s_w, s_g)
+        w_eff = s_w * self._grid(q, s_g)
+        if self.nearest:
+            for step in (-1, 1):
+                q2 = (q + step).clamp(-8, 7)
+                w2 = s_w * self._grid(q2, s_g)
+                better = (w - w2).abs() < (w - w_eff).abs()
+                q, w_eff = torch.where(better, q2, q), torch.where(better, w2, w_eff)
+        return q, w_eff
+
+    def _grid(self, q: torch.Tensor, s_g: torch.Tensor) -> torch.Tensor:
+        prod = q.float() * s_g
+        if self.fp8_aware:
+            prod = prod.clamp(-self.scheme.fp8_max, self.scheme.fp8_max).to(FP8_DTYPE).float()
+        return prod
+
+
+def processing_order(diag: torch.Tensor, group: int, order: str) -> torch.Tensor:
+    """Column permutation to run the GPTQ loop in.
+
+    gar: inside each group, columns by diag(H) descending; whole groups by their max diag(H)
+    descending. Columns never leave their group. act: all columns by diag(H) descending.
+    """
+    k = diag.numel()
+    if order == "none":
+        return torch.arange(k)
+    if order == "act":
+        return torch.argsort(diag, descending=True, stable=True)
+    groups = [torch.arange(s, min(s + group, k)) for s in range(0, k, group)]
+    inner = [g[torch.argsort(diag[g], descending=True, stable=True)] for g in groups]
+    gmax = torch.stack([diag[g].max() for g in groups])
+    return torch.cat([inner[i] for i in torch.argsort(gmax, descending=True, stable=True).tolist()])
+
+
+def prepare_hessian(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dead columns (diag 0): H[d, d] = 1 and W[:, d] = 0; damping; returns (H, W) copies."""
+    h, w = h.clone().float(), w.clone().float()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+    return h, w
+
+
+def upper_cholesky_inverse(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1, adding damping if H is not positive definite."""
+    extra = 0.0
+    for _ in range(6):
+        try:
+            l = torch.linalg.cholesky(h + extra * torch.eye(h.shape[0]))
+            return torch.linalg.cholesky(torch.cholesky_inverse(l), upper=True)
+        except torch.linalg.LinAlgError:
+            extra = max(extra * 10, 1e-2 * torch.mean(torch.diag(h)).item())
+            logger.warning("Hessian not positive definite: adding damping %.3g", extra)
+    raise RuntimeError("Hessian is not positive definite even with extra damping")
+
+
+def _blocks(perm_groups: list[int], block_size: int, group: int, k: int) -> list[tuple[int, int]]:
+    """Split processing positions into blocks made of whole groups (when groups fit)."""
+    if group > block_size:
+        return [(s, min(s + block_size, k)) for s in range(0, k, block_size)]
+    blocks, start, size = [], 0, 0
+    for gsize in perm_groups:
+        if size and size + gsize > block_size:
+            blocks.append((start, start + size))
+            start, size = start + size, 0
+        size += gsize
+    blocks.append((start, start + size))
+    return blocks
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe) -> LayerResult:
+    """GPTQ with the recipe's chain as quantizer (DPQ spec section 3)."""
+    scheme = recipe.scheme
+    n, k = w.shape
+    g = scheme.group(k)
+    chain = recipe.chain()
+    h, w = prepare_hessian(h, w, recipe.damp)
+    diag = torch.diag(h)
+    s_w, s_g = chain.fit(w, diag)  # once, up front, on the original (dead-masked) weight
+    s_g_full = expand_groups(s_g, k, g)
+
+    perm = processing_order(diag, g, recipe.order)
+    inv = torch.argsort(perm)
+    w, h, s_g_full, diag = w[:, perm].contiguous(), h[perm][:, perm], s_g_full[:, perm].contiguous(), diag[perm]
+    hinv = upper_cholesky_inverse(h)
+    group_of = (perm // g)  # original group of each processing position
+    starts = torch.ones(k, dtype=torch.bool)
+    starts[1:] = group_of[1:] != group_of[:-1]
+    sizes = torch.diff(torch.cat([torch.nonzero(starts).flatten(), torch.tensor([k])])).tolist()
+    refit = recipe.refit_scales and g <= recipe.block_size and recipe.order != "act"
+
+    codes = torch.empty(n, k, dtype=torch.int8)
+    loss = 0.0
+    for i1, i2 in _blocks(sizes, recipe.block_size, g, k):
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if refit and starts[j]:
+                cols = slice(i, i + int((group_of[i1:i2] == group_of[j]).sum()))
+                s = chain.group_scale(w1[:, cols].unsqueeze(1), s_w, diag[i1:i2][cols].unsqueeze(0))
+                s_g_full[:, i1:i2][:, cols] = s
+                s_g[:, group_of[j]] = s.flatten()
+            col = w1[:, i]
+            q, col_eff = chain(col.unsqueeze(1), s_w, s_g_full[:, j : j + 1])
+            codes[:, j] = q.flatten()
+            d = hinv1[i, i]
+            err = (col - col_eff.flatten()) / d
+            loss += (err**2).sum().item() / 2
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    qw = pack_result(codes[:, inv].contiguous(), s_w, s_g, scheme)
+    return LayerResult(qw, qw.dequantize(scheme.fp8_max), loss)
+
+
+def rtn_quantize(w: torch.Tensor, recipe: Recipe) -> LayerResult:
+    chain = recipe.chain()
+    s_w, s_g = chain.fit(w.float())
+    q, w_eff = chain(w.float(), s_w, expand_groups(s_g, w.shape[1], recipe.scheme.group(w.shape[1])))
+    return LayerResult(pack_result(q, s_w, s_g, recipe.scheme), w_eff, 0.0)
+
+
+def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe) -> LayerResult:
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or Inf")
+    if recipe.method == "rtn":
+        return rtn_quantize(w, recipe)
+    if h is None:
+        raise ValueError(f"method {recipe.method!r} needs a Hessian")
+    return gptq_quantize(w.float(), h, recipe)
+
+
+def hessian_update(h: torch.Tensor, count: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Running H = 2/n * sum(x x^T) over the rows of x [..., K]; returns (H, n)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    m = x.shape[0]
+    h *= count / (count + m)
+    x = x * (2 / (count + m)) ** 0.5
+    h += x.t() @ x
+    return h, count + m

@@ -1,0 +1,105 @@
+"""`vllm-dpq quantize`: a Hugging Face model in, a DPQ checkpoint out."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+
+import torch
+
+from calibration.algorithms import CODES, METHODS, ORDERS, PAPER_RECIPE, SCALE_SEARCHES, Recipe
+from vllm_dpq.numerics import Scheme
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="Hugging Face model folder (or hub id when online)")
+    p.add_argument("output", help="folder to write the DPQ checkpoint to")
+    p.add_argument("--data", required=True, help="calibration text: file, folder, file.jsonl, or hf:NAME[:CONFIG][:SPLIT]")
+    p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text (default: text)")
+    p.add_argument("--method", choices=METHODS, default="dpq", help="dpq (default), gptq (FP8-unaware), rtn")
+    p.add_argument("--group-size", type=int, default=32, help="INT4 group size along K; -1 = per channel (default 32)")
+    p.add_argument("--gar", action="store_true", help="group-aware reordering (DPQ paper)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ activation order (fixed scales; not with --gar)")
+    p.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diag (default 0.01)")
+    p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block size (default 128)")
+    p.add_argument("--scale-search", choices=SCALE_SEARCHES, default="mse", help="group scales: mse search (default) or max")
+    p.add_argument("--codes", choices=CODES, default="nearest", help="INT4 code choice: nearest chain output (default) or round")
+    p.add_argument("--refit-scales", action="store_true", help="refit group scales as GPTQ updates the weights")
+    p.add_argument("--hessian-fp8", action="store_true", help="Hessian from FP8-quantized inputs")
+    p.add_argument("--paper-recipe", action="store_true", help="the paper's recipe: max scales, rounded codes, no refit")
+    p.add_argument("--num-samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--activations", choices=("static", "dynamic"), default="dynamic",
+                   help="FP8 activation scales: dynamic per token (default) or static per tensor")
+    p.add_argument("--fp8-max", type=float, default=448.0, help="FP8 range (448 e4m3fn; 240 for Gaudi parity)")
+    p.add_argument("--weight-scale", choices=("tensor", "channel"), default="tensor", help="FP8 weight scale granularity")
+    p.add_argument("--group-scale-dtype", choices=("bfloat16", "float8_e4m3fn"), default="bfloat16")
+    p.add_argument("--ignore", action="append", default=[], help="Linear names/globs/re:regex to keep unquantized")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--calib-dtype", choices=DTYPES, default="float32", help="model dtype during calibration")
+    p.add_argument("--save-dtype", choices=DTYPES, default="bfloat16", help="dtype of unquantized tensors saved")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def recipe_from_args(args) -> Recipe:
+    if args.gar and args.act_order:
+        raise SystemExit("error: --gar and --act-order are exclusive")
+    opts = dict(scale_search=args.scale_search, codes=args.codes, refit_scales=args.refit_scales,
+                hessian_fp8=args.hessian_fp8)
+    if args.paper_recipe:
+        opts.update(PAPER_RECIPE)
+    scheme = Scheme(group_size=args.group_size, fp8_max=args.fp8_max, weight_scale=args.weight_scale,
+                    group_scale_dtype=args.group_scale_dtype, activation_scheme=args.activations)
+    order = "gar" if args.gar else "act" if args.act_order else "none"
+    return Recipe(method=args.method, scheme=scheme, order=order, damp=args.damp, block_size=args.block_size, **opts)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from calibration.data import calibration_windows
+    from calibration.model import load_model
+    from calibration.pipeline import calibrate
+    from calibration.writer import save_checkpoint
+    from vllm_dpq.format import DPQConfig
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(args.seed)
+    try:
+        recipe = recipe_from_args(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if Path(args.output).exists() and not args.overwrite:
+        raise SystemExit(f"error: {args.output} exists (pass --overwrite to replace it)")
+    t0 = time.perf_counter()
+    print(f"loading {args.model}", file=sys.stderr)
+    model, tokenizer = load_model(args.model, DTYPES[args.calib_dtype], args.trust_remote_code)
+    hidden = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    k_values = sorted({m.in_features for m in hidden})
+    g = recipe.scheme.group_size
+    if g != -1 and any(k % g for k in k_values):
+        print(f"note: K in {k_values} is not a multiple of group size {g}: the last group of those layers is "
+              f"shorter (ragged last group, docs/FORMAT.md)", file=sys.stderr)
+    samples = calibration_windows(tokenizer, args.data, args.num_samples, args.seq_len, args.seed, args.text_field)
+    print(f"calibrating with {recipe.method} on {samples.shape[0]} x {samples.shape[1]} tokens ({args.device})",
+          file=sys.stderr)
+    ignore = ["lm_head", *args.ignore]
+    result = calibrate(model, samples, recipe, ignore, args.device, args.batch_size)
+    config = DPQConfig(
+        scheme=recipe.scheme, ignore=ignore, algorithm=recipe.to_dict(),
+        calibration={"data": Path(args.data).name if not args.data.startswith("hf:") else args.data,
+                     "num_samples": args.num_samples, "seq_len": args.seq_len, "seed": args.seed},
+    )
+    out = save_checkpoint(args.output, model, tokenizer, result, config, DTYPES[args.save_dtype], args.overwrite)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"wrote {out}: {len(result.layers)} layers quantized in {result.seconds:.0f} s "
+          f"(total {time.perf_counter() - t0:.0f} s, peak RSS {peak_gb:.2f} GiB)", file=sys.stderr)
+    return 0

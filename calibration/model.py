@@ -1,0 +1,120 @@
+"""Hugging Face causal LMs: loading, decoder layers, their Linear layers, first-layer inputs."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2")
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no decoder-layer stack this tool knows how to walk."""
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(model, tokenizer) from a Hugging Face folder or hub id, on CPU, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if getattr(config, "quantization_config", None):
+        qm = config.quantization_config
+        qm = qm.get("quant_method") if isinstance(qm, dict) else getattr(qm, "quant_method", qm)
+        raise UnsupportedModelError(f"{path} is already quantized ({qm}): start from the unquantized model")
+    if config.model_type not in SUPPORTED_TYPES:
+        raise UnsupportedModelError(
+            f"model_type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model.eval(), tokenizer
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder layers (model.model.layers for Llama/Qwen/Mistral families)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n and name.endswith("layers"):
+            return mod
+    raise UnsupportedModelError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def layers_prefix(model: nn.Module) -> str:
+    layers = decoder_layers(model)
+    return next(name for name, mod in model.named_modules() if mod is layers)
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """compressed-tensors style ignore patterns: exact name, glob, or 're:REGEX'."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.match(p[3:], name):
+                return True
+        elif name == p or fnmatch.fnmatchcase(name, p) or name.endswith("." + p):
+            return True
+    return False
+
+
+def quantizable_linears(layer: nn.Module, prefix: str, ignore: list[str]) -> dict[str, nn.Linear]:
+    """Full name -> nn.Linear inside one decoder layer, minus ignored ones."""
+    return {
+        f"{prefix}.{name}": mod
+        for name, mod in layer.named_modules()
+        if isinstance(mod, nn.Linear) and not matches(f"{prefix}.{name}", ignore)
+    }
+
+
+def move_except_layers(model: nn.Module, device: torch.device) -> None:
+    """Move embeddings, final norm, rotary buffers, ... to device; decoder layers stay put."""
+    prefix = layers_prefix(model) + "."
+    for name, mod in model.named_modules():
+        if name.startswith(prefix) or name + "." == prefix:
+            continue
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            p.data = p.data.to(device)
+        for bname, b in list(mod.named_buffers(recurse=False)):
+            mod._buffers[bname] = b.to(device)
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """Inputs of one decoder layer for every calibration batch."""
+
+    hidden: list[torch.Tensor]  # [B, L, H] per batch
+    kwargs: list[dict[str, Any]]  # the other arguments the model passed (masks, rotary, ...)
+
+
+def capture_first_layer_inputs(model: nn.Module, batches: list[torch.Tensor], device: torch.device) -> LayerInputs:
+    """Run the model up to its first decoder layer; only embeddings etc. move to device."""
+    layers = decoder_layers(model)
+    first = layers[0]
+    store = LayerInputs([], [])
+
+    def hook(_mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        store.hidden.append(hidden.detach())
+        store.kwargs.append({k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")})
+        raise _Stop
+
+    move_except_layers(model, device)
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        first.to(device)
+        with torch.no_grad():
+            for ids in batches:
+                try:
+                    model(input_ids=ids.to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return store

@@ -1,0 +1,150 @@
+"""Sequential, layer-by-layer calibration.
+
+For each decoder layer i, on the compute device alone:
+  pass 1: run the layer on its inputs (outputs of the already-quantized layers 0..i-1),
+          accumulating one Hessian per distinct Linear input (q/k/v share one, gate/up one);
+  quantize every Linear of the layer (rtn / gptq / dpq) and put W_eff in its place;
+  pass 2: run the quantized layer: its outputs feed layer i+1, and the max |input| of each
+          Linear gives the static activation scale s_x = amax / fp8_max.
+Memory: one decoder layer on the device, plus the calibration activations of one layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from calibration.algorithms import Recipe, hessian_update, quantize_layer
+from calibration.model import LayerInputs, capture_first_layer_inputs, decoder_layers, layers_prefix, quantizable_linears
+from vllm_dpq.numerics import QuantizedWeight, quantize_activation
+
+logger = logging.getLogger("calibration")
+
+
+@dataclass
+class QuantizedLayer:
+    qw: QuantizedWeight
+    input_amax: float  # max |x| of the layer's input over the calibration set (quantized model)
+
+
+@dataclass
+class CalibrationResult:
+    layers: dict[str, QuantizedLayer] = field(default_factory=dict)
+    layer_errors: list[float] = field(default_factory=list)  # relative output error per decoder layer
+    seconds: float = 0.0
+
+
+def _run(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            out = layer(hidden, **kwargs)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+def _hooked(linears: dict[str, nn.Linear], fn):
+    """Forward pre-hooks calling fn(name, x) once per distinct input tensor per batch.
+    ``seen`` keeps each input alive until cleared, so a freed tensor's memory cannot be
+    reused by a later input with the same address within one batch."""
+    seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+    share: dict[str, str] = {}
+
+    def make(name):
+        def hook(_mod, args):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            rep = seen.setdefault(key, (name, x))[0]
+            share[name] = rep
+            if rep == name:
+                fn(name, x)
+        return hook
+
+    handles = [lin.register_forward_pre_hook(make(name)) for name, lin in linears.items()]
+    return handles, seen, share
+
+
+def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: Recipe, ignore: list[str],
+                    result: CalibrationResult) -> float:
+    """Quantize one decoder layer in place; replace inputs.hidden by its outputs. Returns the
+    layer's relative output error (quantized vs unquantized layer, same inputs)."""
+    linears = quantizable_linears(layer, prefix, ignore)
+    hess: dict[str, tuple[torch.Tensor, int]] = {}
+    fp8_max = recipe.scheme.fp8_max
+
+    def accumulate(name, x):
+        if recipe.hessian_fp8:
+            x8, s_x = quantize_activation(x.reshape(-1, x.shape[-1]), None, fp8_max)
+            x = x8 * s_x
+        h, n = hess.get(name, (torch.zeros(x.shape[-1], x.shape[-1], device=x.device), 0))
+        hess[name] = hessian_update(h, n, x)
+
+    handles, seen, share = _hooked(linears, accumulate if recipe.needs_hessian else lambda *_: None)
+    try:
+        reference = []
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            seen.clear()
+            with torch.no_grad():
+                out = layer(hidden, **kwargs)
+            reference.append(out[0] if isinstance(out, tuple) else out)
+    finally:
+        for h in handles:
+            h.remove()
+
+    for name, lin in linears.items():
+        h = hess[share[name]][0].cpu() if recipe.needs_hessian else None
+        res = quantize_layer(lin.weight.data.float().cpu(), h, recipe)
+        lin.weight.data = res.w_eff.to(device=lin.weight.device, dtype=lin.weight.dtype)
+        result.layers[name] = QuantizedLayer(res.qw, 0.0)
+    hess.clear()
+
+    def record(name, x):
+        entry = result.layers[name]
+        entry.input_amax = max(entry.input_amax, x.detach().abs().max().item())
+
+    handles, seen, share = _hooked(linears, record)
+    err_num = err_den = 0.0
+    try:
+        for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+            seen.clear()
+            with torch.no_grad():
+                out = layer(hidden, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            err_num += (out.float() - reference[b].float()).pow(2).sum().item()
+            err_den += reference[b].float().pow(2).sum().item()
+            inputs.hidden[b] = out
+    finally:
+        for h in handles:
+            h.remove()
+    for name, rep in share.items():  # layers sharing an input share its amax
+        result.layers[name].input_amax = result.layers[rep].input_amax
+    return (err_num / max(err_den, 1e-30)) ** 0.5
+
+
+def calibrate(model: nn.Module, samples: torch.Tensor, recipe: Recipe, ignore: list[str],
+              device: str | torch.device = "cpu", batch_size: int = 8, progress: bool = True) -> CalibrationResult:
+    """Quantize every Linear inside the decoder layers of model (in place: weights become W_eff)."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    batches = list(samples.split(batch_size))
+    inputs = capture_first_layer_inputs(model, batches, device)
+    layers, prefix = decoder_layers(model), layers_prefix(model)
+    result = CalibrationResult()
+    bar = tqdm(range(len(layers)), desc=f"{recipe.method} layers", unit="layer", disable=not progress)
+    for i in bar:
+        layers[i].to(device)
+        err = calibrate_layer(layers[i], f"{prefix}.{i}", inputs, recipe, ignore, result)
+        layers[i].to("cpu")
+        result.layer_errors.append(err)
+        bar.set_postfix(err=f"{err:.4f}")
+        logger.info("layer %d: relative output error %.5f", i, err)
+    if not result.layers:
+        raise ValueError("no Linear layer was quantized (all ignored?)")
+    result.seconds = time.perf_counter() - t0
+    return result

