@@ -13,6 +13,7 @@ enters each group (AutoGPTQ-style), which the paper's reference does not do.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
 
@@ -30,6 +31,7 @@ ORDERS = ("none", "gar", "act")
 SCALE_SEARCHES = ("max", "mse")
 CODES = ("round", "nearest")
 MSE_SHRINKS = torch.arange(60, 106).float() / 100  # candidate s_g / s_g(max) for the mse search
+CODE_VALUES = torch.arange(-8, 8).float()
 PAPER_RECIPE = dict(scale_search="max", codes="round", refit_scales=False, hessian_fp8=False)
 
 
@@ -116,7 +118,7 @@ class Chain:
         best_s, best_e = rnd(s_max), None
         for shrink in MSE_SHRINKS.tolist():
             s = rnd(s_max * shrink)
-            _, w_eff = self(w, s_w.reshape(-1, 1, 1), s.unsqueeze(-1))
+            _, w_eff = self(w, s_w, s)
             e = (w - w_eff) ** 2
             e = (e * diag if diag is not None else e).sum(-1)
             better = e < best_e if best_e is not None else torch.ones_like(e, dtype=torch.bool)
@@ -133,24 +135,23 @@ class Chain:
         d = None if diag is None else torch.nn.functional.pad(diag, (0, pad)).reshape(-1, g)
         return s_w, self.group_scale(groups, s_w, d)
 
-    def __call__(self, w: torch.Tensor, s_w: torch.Tensor, s_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes, w_eff) of w with scales broadcastable to it (s_w along dim 0)."""
-        s_w = s_w.reshape(-1, *([1] * (w.ndim - 1)))
-        q = quantize_codes(w, s_w, s_g)
-        w_eff = s_w * self._grid(q, s_g)
-        if self.nearest:
-            for step in (-1, 1):
-                q2 = (q + step).clamp(-8, 7)
-                w2 = s_w * self._grid(q2, s_g)
-                better = (w - w2).abs() < (w - w_eff).abs()
-                q, w_eff = torch.where(better, q2, q), torch.where(better, w2, w_eff)
-        return q, w_eff
-
-    def _grid(self, q: torch.Tensor, s_g: torch.Tensor) -> torch.Tensor:
-        prod = q.float() * s_g
+    def grid(self, s_w: torch.Tensor, s_g: torch.Tensor) -> torch.Tensor:
+        """The 16 values the quantizer can output for each scale: [*s_g.shape, 16], ascending."""
+        prod = s_g.float().unsqueeze(-1) * CODE_VALUES
         if self.fp8_aware:
             prod = prod.clamp(-self.scheme.fp8_max, self.scheme.fp8_max).to(FP8_DTYPE).float()
-        return prod
+        return s_w.reshape(-1, *([1] * (s_g.ndim - 1)), 1) * prod
+
+    def __call__(self, w: torch.Tensor, s_w: torch.Tensor, s_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, w_eff) of w [N, ..., c]: s_w [1] or [N]; s_g of shape w.shape[:-1] (one
+        scale per row of the last dim). w_eff is exactly s_w * fp8(clamp(q * s_g))."""
+        table = self.grid(s_w, s_g)
+        if self.nearest:  # the table ascends: nearest value = bucket between midpoints
+            idx = torch.searchsorted((table[..., 1:] + table[..., :-1]) / 2, w.contiguous())
+        else:
+            q = quantize_codes(w, s_w.reshape(-1, *([1] * (w.ndim - 1))), s_g.unsqueeze(-1))
+            idx = q.long() + 8
+        return (idx - 8).to(torch.int8), torch.gather(table, -1, idx)
 
 
 def processing_order(diag: torch.Tensor, group: int, order: str) -> torch.Tensor:
@@ -229,8 +230,29 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe) -> LayerResu
     refit = recipe.refit_scales and g <= recipe.block_size and recipe.order != "act"
 
     codes = torch.empty(n, k, dtype=torch.int8)
+    with single_thread_on_cpu(w.device):  # per-column ops are tiny: threads only add sync cost
+        loss = _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, group_of, starts,
+                          _blocks(sizes, recipe.block_size, g, k), refit)
+    qw = pack_result(codes[:, inv].contiguous(), s_w, s_g, scheme)
+    return LayerResult(qw, qw.dequantize(scheme.fp8_max), loss)
+
+
+@contextlib.contextmanager
+def single_thread_on_cpu(device: torch.device):
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, group_of, starts, blocks, refit) -> float:
+    """The GPTQ column loop, in processing order; writes codes (and refitted scales) in place."""
+    n = w.shape[0]
     loss = 0.0
-    for i1, i2 in _blocks(sizes, recipe.block_size, g, k):
+    for i1, i2 in blocks:
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
@@ -238,11 +260,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe) -> LayerResu
             j = i1 + i
             if refit and starts[j]:
                 cols = slice(i, i + int((group_of[i1:i2] == group_of[j]).sum()))
-                s = chain.group_scale(w1[:, cols].unsqueeze(1), s_w, diag[i1:i2][cols].unsqueeze(0))
+                s = chain.group_scale(w1[:, cols].unsqueeze(1), s_w, diag[i1:i2][cols].unsqueeze(0))  # [N, 1]
                 s_g_full[:, i1:i2][:, cols] = s
                 s_g[:, group_of[j]] = s.flatten()
             col = w1[:, i]
-            q, col_eff = chain(col.unsqueeze(1), s_w, s_g_full[:, j : j + 1])
+            q, col_eff = chain(col.unsqueeze(1), s_w, s_g_full[:, j])
             codes[:, j] = q.flatten()
             d = hinv1[i, i]
             err = (col - col_eff.flatten()) / d
@@ -250,16 +272,17 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe) -> LayerResu
             w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-
-    qw = pack_result(codes[:, inv].contiguous(), s_w, s_g, scheme)
-    return LayerResult(qw, qw.dequantize(scheme.fp8_max), loss)
+    return loss
 
 
 def rtn_quantize(w: torch.Tensor, recipe: Recipe) -> LayerResult:
     chain = recipe.chain()
+    n, k = w.shape
+    g = recipe.scheme.group(k)
     s_w, s_g = chain.fit(w.float())
-    q, w_eff = chain(w.float(), s_w, expand_groups(s_g, w.shape[1], recipe.scheme.group(w.shape[1])))
-    return LayerResult(pack_result(q, s_w, s_g, recipe.scheme), w_eff, 0.0)
+    q, _ = chain(torch.nn.functional.pad(w.float(), (0, (-k) % g)).reshape(n, -1, g), s_w, s_g)
+    qw = pack_result(q.reshape(n, -1)[:, :k].contiguous(), s_w, s_g, recipe.scheme)
+    return LayerResult(qw, qw.dequantize(recipe.scheme.fp8_max), 0.0)
 
 
 def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe) -> LayerResult:

@@ -38,16 +38,17 @@ class ScaledMMBackend(Backend):
         pad_k, pad_n = (-w.k) % self.align, (-w.n) % self.align
         w8 = F.pad(w8, (0, pad_k, 0, pad_n)).to(FP8_DTYPE)
         s_w = F.pad(w.weight_scale.float().expand(w.n), (0, pad_n), value=1.0).reshape(1, -1).contiguous()
-        return w, w8, s_w, pad_k
+        return w, w8, s_w, pad_k, pad_n
 
     def apply(self, state, x, bias=None):
-        w, w8, s_w, pad_k = state
+        w, w8, s_w, pad_k, pad_n = state
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         x8, s_x = w.quantize_input(x2)
         x8 = F.pad(x8, (0, pad_k)).to(FP8_DTYPE)
         s_x = s_x.expand(x2.shape[0], 1).contiguous()
-        y = torch._scaled_mm(x8, w8.t(), scale_a=s_x, scale_b=s_w, out_dtype=torch.bfloat16)[:, : w.n]
-        if bias is not None:
-            y = y + bias.to(y.dtype)
+        if bias is not None and pad_n:
+            bias = F.pad(bias, (0, pad_n))
+        y = torch._scaled_mm(x8, w8.t(), scale_a=s_x, scale_b=s_w, out_dtype=torch.bfloat16,
+                             bias=None if bias is None else bias.to(torch.bfloat16))[:, : w.n]
         return y.to(x.dtype).reshape(*shape[:-1], w.n)

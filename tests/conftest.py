@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random models (plumbing, not accuracy), checkpoints, the corpora."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpora"
+
+
+def corpus(name: str) -> Path:
+    path = CORPORA / name
+    if not path.exists():
+        pytest.skip(f"corpus {path} not available")
+    return path
+
+
+def tiny_config(arch: str = "llama", **kw):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, tie_word_embeddings=True)
+    common.update(kw)
+    return LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, **kw), dtype=torch.float32).eval()
+
+
+def make_checkpoint(out: Path, arch: str = "llama", method: str = "rtn", activations: str = "dynamic",
+                    group_size: int = 32, samples: int = 8, **scheme_kw) -> tuple[Path, torch.nn.Module]:
+    """Quantize a tiny random model with the real pipeline; returns (folder, BF16-source model)."""
+    from calibration.algorithms import Recipe
+    from calibration.pipeline import calibrate
+    from calibration.writer import save_checkpoint
+    from vllm_dpq.format import DPQConfig
+    from vllm_dpq.numerics import Scheme
+
+    source = tiny_model(arch)
+    model = tiny_model(arch)
+    scheme = Scheme(group_size=group_size, activation_scheme=activations, **scheme_kw)
+    recipe = Recipe(method=method, scheme=scheme)
+    ids = torch.randint(0, 512, (samples, 64), generator=torch.Generator().manual_seed(1))
+    result = calibrate(model, ids, recipe, ["lm_head"], progress=False)
+    save_checkpoint(out, model, None, result, DPQConfig(scheme, ["lm_head"], recipe.to_dict()), torch.float32)
+    return out, source
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_threads():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

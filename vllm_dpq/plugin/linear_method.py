@@ -1,0 +1,203 @@
+"""``DPQLinearMethod``: DPQ W4A8-FP8 linear layers inside vLLM.
+
+Parameters are the checkpoint tensors (docs/FORMAT.md), sharded by vLLM's own loaders:
+
+    weight_packed       int32 [N, ceil(K/8)]   PackedvLLMParameter (8 codes per int32 along K)
+    weight_group_scale  bf16/fp8 [N, ceil(K/G)] GroupQuantScaleParameter ([N, 1] per-channel
+                                               group, replicated over tensor-parallel ranks)
+    weight_scale        fp32 [N] per channel   ChannelQuantScaleParameter
+                        fp32 [shards] per tensor  PerTensorScaleParameter: one s_w per checkpoint
+                                               projection (q, k, v / gate, up)
+    input_scale         fp32 [shards]          static activations only
+
+Merged layers (qkv_proj, gate_up_proj) load one checkpoint projection per shard. At load
+end, per-tensor s_w of a merged layer becomes per-channel [N] (exact: each shard's rows keep
+their own s_w). The shards of a merged layer share one input, so their static s_x should be
+equal; if calibration measured different values the largest is used (no clipping) and a
+warning is logged once.
+
+vLLM does not notice checkpoint tensors that are missing: every parameter records which
+shards its loader filled, and scales start as NaN; ``process_weights_after_loading`` fails
+naming the checkpoint tensor instead of computing with uninitialised memory.
+
+Known difference under tensor parallelism: a row-parallel layer's dynamic per-token s_x is
+taken over each rank's slice of K (finer than over the whole row), so TP > 1 with dynamic
+activations is not bit-identical to TP = 1. Static s_x is identical.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedvLLMParameter,
+    PerTensorScaleParameter,
+)
+
+from vllm_dpq.format import GROUP_SCALE, INPUT_SCALE, PACKED, WEIGHT_SCALE, CheckpointError, check_scale
+from vllm_dpq.kernels import ENV_BACKEND, W4A8Weights, select_backend
+from vllm_dpq.packing import PACK_FACTOR, packed_cols
+
+logger = logging.getLogger("vllm_dpq.plugin")
+_announced: set[str] = set()  # log each backend choice / warning kind once per process
+
+_QKV = {"q": 0, "k": 1, "v": 2}
+
+
+def check_partition(prefix: str, input_size: int, k_per_rank: int, group_size: int) -> None:
+    """Row-parallel layers split K over ranks: each slice must hold whole int32 words and
+    whole groups. (A ragged last group or K % 8 != 0 is fine when K is not split.)"""
+    if k_per_rank == input_size:
+        return
+    tp = input_size // k_per_rank
+    if k_per_rank % PACK_FACTOR or (group_size != -1 and k_per_rank % group_size):
+        raise ValueError(
+            f"DPQ layer {prefix}: K={input_size} split over tensor-parallel size {tp} gives "
+            f"{k_per_rank} input columns per rank, which must be a multiple of {PACK_FACTOR} (INT4 "
+            f"packing) and of the group size {group_size}. Use a checkpoint quantized with a "
+            f"group size that divides {k_per_rank} (e.g. 32 or 64), or tensor-parallel size 1."
+        )
+
+
+def _track_loads(param: torch.nn.Parameter) -> torch.nn.Parameter:
+    """Wrap param's weight_loader to record the shard ids it was called with (None = whole)."""
+    inner = param.weight_loader
+    param.dpq_loaded = []
+
+    def load(p, loaded_weight, *args, **kwargs):
+        out = inner(p, loaded_weight, *args, **kwargs)
+        p.dpq_loaded.append(args[0] if args else kwargs.get("loaded_shard_id"))
+        return out
+
+    param.weight_loader = load
+    return param
+
+
+def _loaded_shards(param, n_shards: int) -> set[int]:
+    done: set[int] = set()
+    for shard in param.dpq_loaded:
+        if shard is None:
+            return set(range(n_shards))
+        for s in shard if isinstance(shard, tuple) else (shard,):
+            done.add(_QKV.get(s, s))
+    return done
+
+
+class DPQLinearMethod(LinearMethodBase):
+    def __init__(self, quant_config, prefix: str = ""):
+        self.quant_config = quant_config
+        self.scheme = quant_config.scheme
+        self.prefix = prefix
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
+                       output_size, params_dtype, **extra_weight_attrs):
+        s, k, n = self.scheme, input_size_per_partition, sum(output_partition_sizes)
+        check_partition(self.prefix, input_size, k, s.group_size)
+        loader = extra_weight_attrs["weight_loader"]
+        layer.logical_widths = list(output_partition_sizes)
+        layer.input_size_per_partition = k
+
+        def nan(*shape, dtype=torch.float32):
+            return torch.full(shape, float("nan"), dtype=dtype)
+
+        params = {
+            PACKED: PackedvLLMParameter(
+                data=torch.zeros(n, packed_cols(k), dtype=torch.int32), input_dim=1, output_dim=0,
+                packed_dim=1, packed_factor=PACK_FACTOR, weight_loader=loader),
+            # per-channel groups: the one scale per row spans every rank's slice of K
+            GROUP_SCALE: ChannelQuantScaleParameter(data=nan(n, 1, dtype=s.scale_dtype), output_dim=0,
+                                                    weight_loader=loader)
+            if s.group_size == -1 else
+            GroupQuantScaleParameter(data=nan(n, s.num_groups(k), dtype=s.scale_dtype), output_dim=0,
+                                     input_dim=1, weight_loader=loader),
+            WEIGHT_SCALE: ChannelQuantScaleParameter(data=nan(n), output_dim=0, weight_loader=loader)
+            if s.weight_scale == "channel" else
+            PerTensorScaleParameter(data=nan(len(output_partition_sizes)), weight_loader=loader),
+        }
+        if s.activation_scheme == "static":
+            params[INPUT_SCALE] = PerTensorScaleParameter(data=nan(len(output_partition_sizes)),
+                                                          weight_loader=loader)
+        for name, p in params.items():
+            layer.register_parameter(name, _track_loads(p))
+
+    # ------------------------------------------------------------------ load end
+
+    def _shard_prefixes(self, n_shards: int) -> list[str]:
+        """Checkpoint prefix of each shard: model.layers.0.self_attn.qkv_proj -> ...q_proj, ..."""
+        head, _, proj = self.prefix.rpartition(".")
+        names = self.quant_config.packed_modules_mapping.get(proj, [])
+        if len(names) == n_shards and n_shards > 1:
+            return [f"{head}.{x}" if head else x for x in names]
+        return [self.prefix] if n_shards == 1 else [f"{self.prefix}[shard {i}]" for i in range(n_shards)]
+
+    def _validate(self, layer) -> None:
+        widths = layer.logical_widths
+        shard_names = self._shard_prefixes(len(widths))
+        for name, p in layer.named_parameters(recurse=False):
+            if not hasattr(p, "dpq_loaded"):
+                continue
+            missing = sorted(set(range(len(widths))) - _loaded_shards(p, len(widths)))
+            if missing:
+                raise CheckpointError(
+                    f"tensor {shard_names[missing[0]]}.{name} missing from the checkpoint "
+                    f"(never loaded into vLLM layer {self.prefix})")
+            if name == PACKED:
+                continue
+            # one entry per shard (per-tensor scales) or one row per output channel
+            pieces = p.data.split(1 if isinstance(p, PerTensorScaleParameter) else widths)
+            for shard_name, piece in zip(shard_names, pieces):
+                try:
+                    check_scale(f"{shard_name}.{name}", piece)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{e} (missing from the checkpoint or invalid)") from None
+
+    def _once(self, key: str, level: int, msg: str, *args) -> None:
+        if key not in _announced:
+            _announced.add(key)
+            logger.log(level, msg, *args)
+
+    def process_weights_after_loading(self, layer) -> None:
+        self._validate(layer)
+        s, widths = self.scheme, layer.logical_widths
+        k = layer.input_size_per_partition
+
+        s_w = layer.weight_scale.data.float()
+        if s.weight_scale == "tensor" and len(widths) > 1:  # one s_w per shard -> per channel
+            s_w = s_w.repeat_interleave(torch.tensor(widths, device=s_w.device))
+
+        s_x = None
+        if s.activation_scheme == "static":
+            s_x = layer.input_scale.data.float()
+            if len(s_x) > 1 and not bool((s_x == s_x[0]).all()):
+                self._once("input_scale", logging.WARNING,
+                           "DPQ: %s: the merged projections have different static input scales %s "
+                           "although they share one input; using the largest (warned once)",
+                           self.prefix, s_x.tolist())
+            s_x = s_x.max().reshape(1)
+
+        weights = W4A8Weights(
+            packed=layer.weight_packed.data,
+            group_scale=layer.weight_group_scale.data,
+            weight_scale=s_w,
+            input_scale=s_x,
+            k=k,
+            group_size=s.group(k),
+            fp8_max=s.fp8_max,
+        )
+        backend = select_backend(weights, layer.weight_packed.device)
+        self._once(f"backend:{backend.name}", logging.INFO,
+                   "DPQ: using backend %s (%s to override)", backend.name, ENV_BACKEND)
+        # The state references the parameters' storage (no copy), so nothing is freed here.
+        layer._dpq_weights = weights  # what the backend was given, for inspection and tests
+        layer._dpq_backend = backend
+        layer._dpq_state = backend.prepare(weights)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return layer._dpq_backend.apply(layer._dpq_state, x, bias)
+
+
+register_weight_loader_v2_supported_method(DPQLinearMethod)
