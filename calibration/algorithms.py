@@ -106,8 +106,12 @@ class Chain:
         """s_g of groups w [N, G', g] (un-rounded): 2 * max|W8| / 15."""
         v = (w / s_w.reshape(-1, 1, 1)).clamp(-self.pr, self.pr)
         if self.fp8_aware:
-            v = v.to(FP8_DTYPE).float()
+            v = self.fp8(v)
         return 2 * v.abs().amax(dim=-1) / 15
+
+    def fp8(self, x: torch.Tensor) -> torch.Tensor:
+        """The FP8 rounding step of the chain (saturating, round-to-nearest-even)."""
+        return x.clamp(-self.scheme.fp8_max, self.scheme.fp8_max).to(FP8_DTYPE).float()
 
     def group_scale(self, w: torch.Tensor, s_w: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
         """Rounded s_g [N, G'] for groups w [N, G', g]; diag [G', g] weights the mse search."""
@@ -139,7 +143,7 @@ class Chain:
         """The 16 values the quantizer can output for each scale: [*s_g.shape, 16], ascending."""
         prod = s_g.float().unsqueeze(-1) * CODE_VALUES
         if self.fp8_aware:
-            prod = prod.clamp(-self.scheme.fp8_max, self.scheme.fp8_max).to(FP8_DTYPE).float()
+            prod = self.fp8(prod)
         return s_w.reshape(-1, *([1] * (s_g.ndim - 1)), 1) * prod
 
     def __call__(self, w: torch.Tensor, s_w: torch.Tensor, s_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
