@@ -30,7 +30,9 @@ METHODS = ("rtn", "gptq", "dpq")
 ORDERS = ("none", "gar", "act")
 SCALE_SEARCHES = ("max", "mse")
 CODES = ("round", "nearest")
-MSE_SHRINKS = torch.arange(60, 106).float() / 100  # candidate s_g / s_g(max) for the mse search
+# mse scale search: candidate s_g / s_g(max), a coarse grid then +-0.04 around each group's best
+MSE_COARSE = torch.arange(60, 106, 5).float() / 100
+MSE_FINE = torch.tensor([-0.04, -0.03, -0.02, -0.01, 0.01, 0.02, 0.03, 0.04])
 CODE_VALUES = torch.arange(-8, 8).float()
 PAPER_RECIPE = dict(scale_search="max", codes="round", refit_scales=False, hessian_fp8=False)
 
@@ -119,16 +121,22 @@ class Chain:
         rnd = lambda s: round_scale(s, self.scheme.scale_dtype, self.scheme.fp8_max)  # noqa: E731
         if self.scale_search == "max":
             return rnd(s_max)
-        best_s, best_e = rnd(s_max), None
-        for shrink in MSE_SHRINKS.tolist():
-            s = rnd(s_max * shrink)
-            _, w_eff = self(w, s_w, s)
+
+        def error(shrink: torch.Tensor) -> torch.Tensor:
+            _, w_eff = self(w, s_w, rnd(s_max * shrink))
             e = (w - w_eff) ** 2
-            e = (e * diag if diag is not None else e).sum(-1)
-            better = e < best_e if best_e is not None else torch.ones_like(e, dtype=torch.bool)
-            best_e = e if best_e is None else torch.where(better, e, best_e)
-            best_s = torch.where(better, s, best_s)
-        return best_s
+            return (e * diag if diag is not None else e).sum(-1)
+
+        best = best_e = center = None
+        for phase in (MSE_COARSE, MSE_FINE):  # a coarse grid, then around each group's best
+            for c in phase.tolist():
+                shrink = torch.full_like(s_max, c) if center is None else center + c
+                e = error(shrink)
+                better = torch.ones_like(e, dtype=torch.bool) if best is None else e < best_e
+                best = shrink if best is None else torch.where(better, shrink, best)
+                best_e = e if best_e is None else torch.where(better, e, best_e)
+            center = best
+        return rnd(s_max * best)
 
     def fit(self, w: torch.Tensor, diag: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         n, k = w.shape

@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore", action="append", default=[], help="Linear names/globs/re:regex to keep unquantized")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--calib-dtype", choices=DTYPES, default="float32", help="model dtype during calibration")
+    p.add_argument("--calib-dtype", choices=DTYPES, default="bfloat16",
+                   help="model dtype of the calibration forward passes (Hessians are fp32 either way)")
     p.add_argument("--save-dtype", choices=DTYPES, default="bfloat16", help="dtype of unquantized tensors saved")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")

@@ -42,7 +42,7 @@ def save_checkpoint(out: str | os.PathLike, model: nn.Module, tokenizer, result:
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
-    config.producer = config.producer or f"vllm-dpq {__version__}"
+    config.producer = config.producer or {"name": "vllm-dpq", "version": __version__}
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -83,10 +83,7 @@ def make_checkpoint(path: Path, seed: int = 0, **scheme_kw) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(path)
     cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"] = DPQConfig(scheme=scheme).to_dict()
-    # vLLM 0.32 reads quantization_config["producer"] as a dict ({"name": ...}, ModelOpt's
-    # convention) and crashes on a string: do not write DPQConfig's string producer.
-    cfg["quantization_config"].pop("producer", None)
+    cfg["quantization_config"] = DPQConfig(scheme=scheme, producer={"name": "vllm-dpq", "version": "test"}).to_dict()
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
     save_file(tensors, str(path / "model.safetensors"))
     write_manifest(path, layers)

@@ -257,7 +257,8 @@ def test_row_parallel_split_check():
     check_partition("l", 100, 100, 32)
     check_partition("l", 576, 288, 32)  # TP 2, group 32 divides 288
     check_partition("l", 576, 288, -1)  # per-channel group: one scale per row, replicated
-    with pytest.raises(ValueError, match=r"model.layers.3.mlp.down_proj: K=576 .*tensor-parallel size 2.* 288 .*group size 128"):
+    msg = r"model.layers.3.mlp.down_proj: K=576 .*tensor-parallel size 2.* 288 .*group size 128"
+    with pytest.raises(ValueError, match=msg):
         check_partition("model.layers.3.mlp.down_proj", 576, 288, 128)
     with pytest.raises(ValueError, match="multiple of 8"):
         check_partition("l", 200, 100, -1)

@@ -17,7 +17,7 @@ def cmd_inspect(args) -> int:
     c = ckpt.config
     s = c.scheme
     print(f"DPQ checkpoint {ckpt.path}")
-    print(f"  format version   {c.format_version}   (producer: {c.producer or 'unknown'})")
+    print(f"  format version   {c.format_version}   (producer: {' '.join(c.producer.values()) or 'unknown'})")
     print(f"  group size       {s.group_size if s.group_size != -1 else 'per channel'}")
     print(f"  fp8_max          {s.fp8_max:g}")
     print(f"  weight scale     per {s.weight_scale}, power of two")

@@ -47,7 +47,7 @@ class DPQConfig:
     algorithm: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
-    producer: str = ""
+    producer: dict[str, str] = field(default_factory=dict)  # {"name": ..., "version": ...}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,7 +58,8 @@ class DPQConfig:
             "ignore": list(self.ignore),
             "algorithm": dict(self.algorithm),
             "calibration": dict(self.calibration),
-            "producer": self.producer,
+            # a JSON object, never a string: vLLM reads producer.get("name") to spot other formats
+            "producer": dict(self.producer),
         }
 
     @classmethod
@@ -96,7 +97,7 @@ class DPQConfig:
             algorithm=dict(d.get("algorithm", {})),
             calibration=dict(d.get("calibration", {})),
             format_version=version,
-            producer=str(d.get("producer", "")),
+            producer=d["producer"] if isinstance(d.get("producer"), dict) else {},
         )
 
 

@@ -101,26 +101,25 @@ class DPQLinearMethod(LinearMethodBase):
         layer.logical_widths = list(output_partition_sizes)
         layer.input_size_per_partition = k
 
-        def nan(*shape, dtype=torch.float32):
+        def nan(*shape, dtype=torch.float32):  # the "never loaded" sentinel of every scale
             return torch.full(shape, float("nan"), dtype=dtype)
 
-        params = {
-            PACKED: PackedvLLMParameter(
-                data=torch.zeros(n, packed_cols(k), dtype=torch.int32), input_dim=1, output_dim=0,
-                packed_dim=1, packed_factor=PACK_FACTOR, weight_loader=loader),
-            # per-channel groups: the one scale per row spans every rank's slice of K
-            GROUP_SCALE: ChannelQuantScaleParameter(data=nan(n, 1, dtype=s.scale_dtype), output_dim=0,
-                                                    weight_loader=loader)
-            if s.group_size == -1 else
-            GroupQuantScaleParameter(data=nan(n, s.num_groups(k), dtype=s.scale_dtype), output_dim=0,
-                                     input_dim=1, weight_loader=loader),
-            WEIGHT_SCALE: ChannelQuantScaleParameter(data=nan(n), output_dim=0, weight_loader=loader)
-            if s.weight_scale == "channel" else
-            PerTensorScaleParameter(data=nan(len(output_partition_sizes)), weight_loader=loader),
-        }
+        shards = len(output_partition_sizes)
+        params = {PACKED: PackedvLLMParameter(data=torch.zeros(n, packed_cols(k), dtype=torch.int32),
+                                              input_dim=1, output_dim=0, packed_dim=1,
+                                              packed_factor=PACK_FACTOR, weight_loader=loader)}
+        if s.group_size == -1:  # one group per row: its scale spans every rank's slice of K
+            params[GROUP_SCALE] = ChannelQuantScaleParameter(data=nan(n, 1, dtype=s.scale_dtype),
+                                                             output_dim=0, weight_loader=loader)
+        else:
+            params[GROUP_SCALE] = GroupQuantScaleParameter(data=nan(n, s.num_groups(k), dtype=s.scale_dtype),
+                                                           output_dim=0, input_dim=1, weight_loader=loader)
+        if s.weight_scale == "channel":
+            params[WEIGHT_SCALE] = ChannelQuantScaleParameter(data=nan(n), output_dim=0, weight_loader=loader)
+        else:  # one s_w per checkpoint projection (q, k, v / gate, up)
+            params[WEIGHT_SCALE] = PerTensorScaleParameter(data=nan(shards), weight_loader=loader)
         if s.activation_scheme == "static":
-            params[INPUT_SCALE] = PerTensorScaleParameter(data=nan(len(output_partition_sizes)),
-                                                          weight_loader=loader)
+            params[INPUT_SCALE] = PerTensorScaleParameter(data=nan(shards), weight_loader=loader)
         for name, p in params.items():
             layer.register_parameter(name, _track_loads(p))
 
