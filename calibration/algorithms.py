@@ -158,12 +158,15 @@ class Chain:
         """(codes, w_eff) of w [N, ..., c]: s_w [1] or [N]; s_g of shape w.shape[:-1] (one
         scale per row of the last dim). w_eff is exactly s_w * fp8(clamp(q * s_g))."""
         table = self.grid(s_w, s_g)
-        if self.nearest:  # the table ascends: nearest value = bucket between midpoints
-            idx = torch.searchsorted((table[..., 1:] + table[..., :-1]) / 2, w.contiguous())
-        else:
-            q = quantize_codes(w, s_w.reshape(-1, *([1] * (w.ndim - 1))), s_g.unsqueeze(-1))
-            idx = q.long() + 8
-        return (idx - 8).to(torch.int8), torch.gather(table, -1, idx)
+        idx = quantize_codes(w, s_w.reshape(-1, *([1] * (w.ndim - 1))), s_g.unsqueeze(-1)).long() + 8
+        w_eff = torch.gather(table, -1, idx)
+        if self.nearest:  # the FP8 grid is not uniform: the nearest value is round's code or a neighbour
+            for step in (-1, 1):
+                j = (idx + step).clamp(0, 15)
+                v = torch.gather(table, -1, j)
+                better = (w - v).abs() < (w - w_eff).abs()
+                idx, w_eff = torch.where(better, j, idx), torch.where(better, v, w_eff)
+        return (idx - 8).to(torch.int8), w_eff
 
 
 def processing_order(diag: torch.Tensor, group: int, order: str) -> torch.Tensor:

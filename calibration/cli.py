@@ -47,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-dtype", choices=DTYPES, default="bfloat16", help="dtype of unquantized tensors saved")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--stats-json", default=None, help="write wall time, peak RSS and per-layer errors here")
     p.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -101,6 +102,14 @@ def run(args) -> int:
     )
     out = save_checkpoint(args.output, model, tokenizer, result, config, DTYPES[args.save_dtype], args.overwrite)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    total = time.perf_counter() - t0
     print(f"wrote {out}: {len(result.layers)} layers quantized in {result.seconds:.0f} s "
-          f"(total {time.perf_counter() - t0:.0f} s, peak RSS {peak_gb:.2f} GiB)", file=sys.stderr)
+          f"(total {total:.0f} s, peak RSS {peak_gb:.2f} GiB)", file=sys.stderr)
+    if args.stats_json:
+        import json
+
+        Path(args.stats_json).write_text(json.dumps({
+            "calibration_seconds": result.seconds, "total_seconds": total, "peak_rss_gib": peak_gb,
+            "layer_errors": result.layer_errors, "recipe": recipe.to_dict(), "scheme": recipe.scheme.to_dict(),
+        }, indent=1))
     return 0

@@ -71,7 +71,7 @@ def _hooked(linears: dict[str, nn.Linear], fn):
 def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: Recipe, ignore: list[str],
                     result: CalibrationResult) -> float:
     """Quantize one decoder layer in place; replace inputs.hidden by its outputs. Returns the
-    layer's relative output error (quantized vs unquantized layer, same inputs)."""
+    layer's relative output error (quantized vs unquantized layer, same inputs; NaN for rtn)."""
     linears = quantizable_linears(layer, prefix, ignore)
     hess: dict[str, tuple[torch.Tensor, int]] = {}
     fp8_max = recipe.scheme.fp8_max
@@ -83,17 +83,18 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
         h, n = hess.get(name, (torch.zeros(x.shape[-1], x.shape[-1], device=x.device), 0))
         hess[name] = hessian_update(h, n, x)
 
-    handles, seen, share = _hooked(linears, accumulate if recipe.needs_hessian else lambda *_: None)
-    try:
-        reference = []
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-            seen.clear()
-            with torch.no_grad():
-                out = layer(hidden, **kwargs)
-            reference.append(out[0] if isinstance(out, tuple) else out)
-    finally:
-        for h in handles:
-            h.remove()
+    reference = []  # pass 1 (skipped by rtn, which needs no Hessian: no layer error then)
+    if recipe.needs_hessian:
+        handles, seen, share = _hooked(linears, accumulate)
+        try:
+            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+                seen.clear()
+                with torch.no_grad():
+                    out = layer(hidden, **kwargs)
+                reference.append(out[0] if isinstance(out, tuple) else out)
+        finally:
+            for h in handles:
+                h.remove()
 
     for name, lin in linears.items():
         h = hess[share[name]][0].cpu() if recipe.needs_hessian else None
@@ -114,15 +115,17 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
             with torch.no_grad():
                 out = layer(hidden, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
-            err_num += (out.float() - reference[b].float()).pow(2).sum().item()
-            err_den += reference[b].float().pow(2).sum().item()
+            if reference:
+                err_num += (out.float() - reference[b].float()).pow(2).sum().item()
+                err_den += reference[b].float().pow(2).sum().item()
+                reference[b] = None
             inputs.hidden[b] = out
     finally:
         for h in handles:
             h.remove()
     for name, rep in share.items():  # layers sharing an input share its amax
         result.layers[name].input_amax = result.layers[rep].input_amax
-    return (err_num / max(err_den, 1e-30)) ** 0.5
+    return (err_num / err_den) ** 0.5 if err_den else float("nan")
 
 
 def calibrate(model: nn.Module, samples: torch.Tensor, recipe: Recipe, ignore: list[str],

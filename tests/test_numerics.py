@@ -9,7 +9,7 @@ from vllm_dpq.numerics import (
     FP8_DTYPE, Scheme, compute_group_scales, compute_weight_scale, expand_groups, fp8_round,
     protective_range, quantize_activation, quantize_rtn,
 )
-from vllm_dpq.packing import pack_int4, unpack_int4, unpack_int4_reference
+from vllm_dpq.packing import _pack_int4_local, pack_int4, unpack_int4, unpack_int4_reference
 
 SCHEMES = [
     Scheme(group_size=g, weight_scale=ws, group_scale_dtype=sd, fp8_max=fm)
@@ -93,6 +93,7 @@ def test_pack_unpack_roundtrip(k):
     assert packed.dtype == torch.int32 and packed.shape == (5, math.ceil(k / 8))
     assert torch.equal(unpack_int4(packed, k), q)
     assert torch.equal(unpack_int4_reference(packed, k), q)  # compressed-tensors' own unpack
+    assert torch.equal(_pack_int4_local(q), packed)  # the fallback packer, same layout
 
 
 def test_pack_rejects_bad_codes():

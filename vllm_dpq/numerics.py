@@ -216,11 +216,15 @@ def w4a8_matmul(
     input_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
+    gemm_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Y = (X8 @ W8^T) in fp32 * s_x * s_w + bias, as out_dtype. w8: FP8 values (any float dtype)."""
+    """Y = (X8 @ W8^T) in fp32 * s_x * s_w + bias, as out_dtype. w8: FP8 values (any float dtype).
+
+    gemm_dtype=bfloat16 runs the GEMM in bf16 (exact products, fp32 accumulation, result
+    rounded to bf16 before the scales): the CPU backend's numerics, ~3x faster on CPU."""
     shape = x.shape
     x8, s_x = quantize_activation(x.reshape(-1, shape[-1]), input_scale, fp8_max)
-    y = (x8 @ w8.float().t()) * s_x * weight_scale.float().reshape(1, -1)
+    y = (x8.to(gemm_dtype) @ w8.to(gemm_dtype).t()).float() * s_x * weight_scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype).reshape(*shape[:-1], -1)

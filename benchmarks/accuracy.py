@@ -1,0 +1,186 @@
+"""Accuracy table (docs/EVAL_PROTOCOL.md) on the demo model: BF16, RTN/GPTQ W4A16, and
+RTN / GPTQ (FP8-unaware) / DPQ / DPQ+GAR W4A8 with static and dynamic FP8 activations.
+
+Each configuration is calibrated by `vllm-dpq quantize` in a fresh process (so its wall time
+and peak RSS are its own), then evaluated with the reference forward:
+  w4a16        the INT4 weight alone (s_w * q * s_g), bf16 GEMM
+  w4a8-static  the served numerics with the checkpoint's static FP8 activation scales
+  w4a8-dynamic the served numerics with dynamic per-token FP8 activation scales
+The model runs in bf16 with the CPU backend's GEMM numerics (what vLLM on CPU computes).
+
+    python benchmarks/accuracy.py                         # full table, groups 32 and 64
+    python benchmarks/accuracy.py --configs rtn,dpq --groups 32 --num-samples 16 --eval-windows 8
+
+Writes OUT.json (after every evaluation, so a partial run keeps its numbers), OUT.md, OUT.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPORA = ROOT.parent / "shared" / "data" / "corpora"
+
+CONFIGS = {  # name -> (label, quantize arguments, evaluate w4a16 too)
+    "rtn": ("RTN", ["--method", "rtn", "--paper-recipe"], True),
+    "gptq": ("GPTQ (FP8-unaware)", ["--method", "gptq", "--paper-recipe"], True),
+    "gptq-mse": ("GPTQ + mse scales (FP8-unaware)", ["--method", "gptq"], True),
+    "dpq-paper": ("DPQ, paper recipe", ["--method", "dpq", "--paper-recipe"], False),
+    "dpq-paper-gar": ("DPQ + GAR, paper recipe", ["--method", "dpq", "--paper-recipe", "--gar"], False),
+    "dpq": ("DPQ (ours: nearest codes, mse scales)", ["--method", "dpq"], False),
+    "dpq-gar": ("DPQ + GAR (ours)", ["--method", "dpq", "--gar"], False),
+    "dpq-refit": ("DPQ + refit scales", ["--method", "dpq", "--refit-scales"], False),
+    "dpq-hfp8": ("DPQ + Hessian of FP8 inputs", ["--method", "dpq", "--hessian-fp8"], False),
+    "dpq-channel": ("DPQ + per-channel s_w", ["--method", "dpq", "--weight-scale", "channel"], False),
+}
+DEFAULT = "rtn,gptq,gptq-mse,dpq-paper,dpq,dpq-gar"
+
+
+def evaluate(ckpt: Path | None, model_dir: Path, windows, mode: str, activations: str | None) -> float:
+    import torch
+
+    from vllm_dpq.evaluate import perplexity
+    from vllm_dpq.reference import load_reference_model
+
+    if ckpt is None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    else:
+        model, _ = load_reference_model(ckpt, mode=mode, dtype=torch.bfloat16, activations=activations,
+                                        gemm_dtype=torch.bfloat16)
+    return perplexity(model, windows)
+
+
+def quantize(model_dir: Path, ckpt: Path, args_q: list[str], group: int, a) -> dict:
+    stats = ckpt.with_suffix(".stats.json")
+    if not (ckpt / "dpq_manifest.json").exists() or not stats.exists():
+        cmd = [sys.executable, "-m", "vllm_dpq.cli", "quantize", str(model_dir), str(ckpt), "--data", str(a.calib_text),
+               "--group-size", str(group), "--activations", "static", "--num-samples", str(a.num_samples),
+               "--seq-len", str(a.seq_len), "--stats-json", str(stats), "--overwrite", *args_q]
+        print("+", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True)
+    return json.loads(stats.read_text())
+
+
+def markdown(results: dict, groups: list[int], configs: list[str]) -> str:
+    cols = [(g, v) for g in groups for v in ("w4a8-static", "w4a8-dynamic")]
+    head = "| method | " + " | ".join(f"g{g} {v.replace('w4a8-', 'W4A8 ')}" for g, v in cols) + \
+           " | " + " | ".join(f"g{g} W4A16" for g in groups) + " | " + \
+           " | ".join(f"g{g} calib s / peak GiB" for g in groups) + " |"
+    lines = [head, "|" + "---|" * (1 + len(cols) + 2 * len(groups))]
+    bf16 = results.get("bf16")
+    lines.append(f"| BF16 | " + " | ".join(f"{bf16:.2f}" if bf16 else "" for _ in cols) + " | " +
+                 " | ".join(f"{bf16:.2f}" if bf16 else "" for _ in groups) + " | " + " | ".join("" for _ in groups) + " |")
+    for c in configs:
+        row = [CONFIGS[c][0]]
+        for g, v in cols:
+            x = results.get(f"{c}-g{g}", {}).get(v)
+            row.append(f"{x:.2f}" if x else "")
+        for g in groups:
+            x = results.get(f"{c}-g{g}", {}).get("w4a16")
+            row.append(f"{x:.2f}" if x else "")
+        for g in groups:
+            r = results.get(f"{c}-g{g}", {})
+            row.append(f"{r['calibration_seconds']:.0f} / {r['peak_rss_gib']:.2f}" if "calibration_seconds" in r else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, groups: list[int], configs: list[str], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / (2 * len(groups))
+    for i, (g, v) in enumerate((g, v) for g in groups for v in ("w4a8-static", "w4a8-dynamic")):
+        ys = [results.get(f"{c}-g{g}", {}).get(v, 0) for c in configs]
+        ax.bar([j + i * width for j in range(len(configs))], ys, width, label=f"g{g} {v}")
+    if results.get("bf16"):
+        ax.axhline(results["bf16"], color="k", linestyle="--", label=f"BF16 {results['bf16']:.2f}")
+    ax.set_xticks([j + width * (2 * len(groups) - 1) / 2 for j in range(len(configs))])
+    ax.set_xticklabels([CONFIGS[c][0] for c in configs], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("perplexity (lower is better)")
+    vals = [v for r in results.values() if isinstance(r, dict) for k, v in r.items() if k.startswith("w4a8")]
+    if vals:
+        ax.set_ylim(min(vals + [results.get("bf16", min(vals))]) * 0.9, max(vals) * 1.05)
+    ax.set_title("SmolLM2-135M-Instruct, Pride and Prejudice, 64 x 512 tokens")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF model folder (default: the demo model, built if needed)")
+    p.add_argument("--calib-text", type=Path, default=CORPORA / "austen_sensesensibility.txt")
+    p.add_argument("--eval-text", type=Path, default=CORPORA / "austen_prideprejudice.txt")
+    p.add_argument("--groups", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--configs", default=DEFAULT, help=f"comma list from {sorted(CONFIGS)}")
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--work", type=Path, default=ROOT / "results" / "accuracy-ckpts")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "accuracy")
+    a = p.parse_args()
+    configs = a.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
+
+    from transformers import AutoTokenizer
+
+    from vllm_dpq.demo import build_demo_model
+    from vllm_dpq.evaluate import text_windows
+
+    model_dir = Path(a.model) if a.model else build_demo_model()
+    a.work.mkdir(parents=True, exist_ok=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    jpath = a.out.with_suffix(".json")
+    results = json.loads(jpath.read_text()) if jpath.exists() else {}
+    results["setup"] = {"model": model_dir.name, "calib_text": a.calib_text.name, "eval_text": a.eval_text.name,
+                        "num_samples": a.num_samples, "seq_len": a.seq_len, "eval_windows": a.eval_windows}
+    windows = text_windows(AutoTokenizer.from_pretrained(model_dir), a.eval_text, 512, a.eval_windows)
+
+    def save():
+        jpath.write_text(json.dumps(results, indent=1))
+
+    if "bf16" not in results:
+        results["bf16"] = evaluate(None, model_dir, windows, "", None)
+        save()
+    print(f"BF16 PPL {results['bf16']:.3f}", flush=True)
+    for g in a.groups:
+        for c in configs:
+            key = f"{c}-g{g}"
+            ckpt = a.work / key
+            r = results.setdefault(key, {})
+            r.update({k: v for k, v in quantize(model_dir, ckpt, CONFIGS[c][1], g, a).items()
+                      if k in ("calibration_seconds", "total_seconds", "peak_rss_gib")})
+            evals = [("w4a8-static", "w4a8", "static"), ("w4a8-dynamic", "w4a8", "dynamic")]
+            if CONFIGS[c][2]:
+                evals.append(("w4a16", "w4a16", "dynamic"))
+            for name, mode, act in evals:
+                if name not in r:
+                    t = time.perf_counter()
+                    r[name] = evaluate(ckpt, model_dir, windows, mode, act)
+                    print(f"{key:<18} {name:<13} PPL {r[name]:.3f}  ({time.perf_counter() - t:.0f} s)", flush=True)
+                    save()
+    md = markdown(results, a.groups, configs)
+    a.out.with_suffix(".md").write_text(md)
+    plot(results, a.groups, configs, a.out.with_suffix(".png"))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
