@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-dtype", choices=DTYPES, default="bfloat16", help="dtype of unquantized tensors saved")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last finished layer (same settings)")
     p.add_argument("--stats-json", default=None, help="write wall time, peak RSS and per-layer errors here")
     p.add_argument("--trust-remote-code", action="store_true")
 
@@ -68,8 +70,9 @@ def run(args) -> int:
     from pathlib import Path
 
     from calibration.data import calibration_windows
-    from calibration.model import load_model
+    from calibration.model import check_supported, load_model, load_tokenizer
     from calibration.pipeline import calibrate
+    from calibration.resume import CalibrationState, samples_digest, work_dir_for
     from calibration.writer import save_checkpoint
     from vllm_dpq.format import DPQConfig
 
@@ -81,26 +84,38 @@ def run(args) -> int:
         raise SystemExit(f"error: {e}") from None
     if Path(args.output).exists() and not args.overwrite:
         raise SystemExit(f"error: {args.output} exists (pass --overwrite to replace it)")
+    if args.resume and not work_dir_for(args.output).exists():
+        print(f"note: nothing to resume for {args.output}; starting from the first layer", file=sys.stderr)
     t0 = time.perf_counter()
+    # everything cheap that can fail is checked before the model's weights are read
+    check_supported(args.model, args.trust_remote_code)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    samples = calibration_windows(tokenizer, args.data, args.num_samples, args.seq_len, args.seed, args.text_field)
     print(f"loading {args.model}", file=sys.stderr)
-    model, tokenizer = load_model(args.model, DTYPES[args.calib_dtype], args.trust_remote_code)
-    hidden = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    k_values = sorted({m.in_features for m in hidden})
+    model = load_model(args.model, DTYPES[args.calib_dtype], args.trust_remote_code)
+    k_values = sorted({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
     g = recipe.scheme.group_size
     if g != -1 and any(k % g for k in k_values):
         print(f"note: K in {k_values} is not a multiple of group size {g}: the last group of those layers is "
               f"shorter (ragged last group, docs/FORMAT.md)", file=sys.stderr)
-    samples = calibration_windows(tokenizer, args.data, args.num_samples, args.seq_len, args.seed, args.text_field)
     print(f"calibrating with {recipe.method} on {samples.shape[0]} x {samples.shape[1]} tokens ({args.device})",
           file=sys.stderr)
     ignore = ["lm_head", *args.ignore]
-    result = calibrate(model, samples, recipe, ignore, args.device, args.batch_size)
+    fingerprint = {
+        "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
+        "recipe": recipe.to_dict(), "scheme": recipe.scheme.to_dict(), "samples": samples_digest(samples),
+        "ignore": ignore, "calib_dtype": args.calib_dtype, "batch_size": args.batch_size,
+    }
+    state = CalibrationState(work_dir_for(args.output), fingerprint)
+    result = calibrate(model, samples, recipe, ignore, args.device, args.batch_size, state=state, resume=args.resume)
     config = DPQConfig(
         scheme=recipe.scheme, ignore=ignore, algorithm=recipe.to_dict(),
         calibration={"data": Path(args.data).name if not args.data.startswith("hf:") else args.data,
                      "num_samples": args.num_samples, "seq_len": args.seq_len, "seed": args.seed},
     )
-    out = save_checkpoint(args.output, model, tokenizer, result, config, DTYPES[args.save_dtype], args.overwrite)
+    out = save_checkpoint(args.output, model, tokenizer, result, config, DTYPES[args.save_dtype],
+                          args.overwrite or args.resume)
+    state.finish()
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     total = time.perf_counter() - t0
     print(f"wrote {out}: {len(result.layers)} layers quantized in {result.seconds:.0f} s "

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from calibration import CalibrationError
+
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 
-class DataError(ValueError):
+class DataError(CalibrationError):
     """Calibration data is missing, empty or too short."""
 
 

@@ -10,18 +10,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from calibration import CalibrationError
+
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(CalibrationError):
     """The model has no decoder-layer stack this tool knows how to walk."""
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(model, tokenizer) from a Hugging Face folder or hub id, on CPU, eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def check_supported(path: str, trust_remote_code: bool = False):
+    """The model's config, if this tool can quantize it (cheap: no weights are read)."""
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UnsupportedModelError(f"cannot read a model config from {path}: {e}") from None
     if getattr(config, "quantization_config", None):
         qm = config.quantization_config
         qm = qm.get("quant_method") if isinstance(qm, dict) else getattr(qm, "quant_method", qm)
@@ -30,9 +35,21 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         raise UnsupportedModelError(
             f"model_type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return model.eval(), tokenizer
+    return config
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """The model from a Hugging Face folder or hub id, on CPU, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    check_supported(path, trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from calibration import CalibrationError
 from calibration.algorithms import Recipe, hessian_update, quantize_layer
 from calibration.model import LayerInputs, capture_first_layer_inputs, decoder_layers, layers_prefix, quantizable_linears
 from vllm_dpq.numerics import QuantizedWeight, quantize_activation
@@ -129,25 +130,47 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
 
 
 def calibrate(model: nn.Module, samples: torch.Tensor, recipe: Recipe, ignore: list[str],
-              device: str | torch.device = "cpu", batch_size: int = 8, progress: bool = True) -> CalibrationResult:
-    """Quantize every Linear inside the decoder layers of model (in place: weights become W_eff)."""
+              device: str | torch.device = "cpu", batch_size: int = 8, progress: bool = True,
+              state=None, resume: bool = False) -> CalibrationResult:
+    """Quantize every Linear inside the decoder layers of model (in place: weights become W_eff).
+
+    state: a calibration.resume.CalibrationState committing each finished layer; with
+    resume=True, continue after its last committed layer."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
     t0 = time.perf_counter()
+    layers, prefix = decoder_layers(model), layers_prefix(model)
+    if not any(quantizable_linears(layer, f"{prefix}.{i}", ignore) for i, layer in enumerate(layers)):
+        raise CalibrationError(f"no Linear layer to quantize in the decoder layers (ignore list: {ignore})")
     batches = list(samples.split(batch_size))
     inputs = capture_first_layer_inputs(model, batches, device)
-    layers, prefix = decoder_layers(model), layers_prefix(model)
     result = CalibrationResult()
-    bar = tqdm(range(len(layers)), desc=f"{recipe.method} layers", unit="layer", disable=not progress)
+    start = 0
+    saved = state.load() if state is not None and resume else None
+    if saved is not None:
+        done, quantized, result.layer_errors, hidden = saved
+        inputs.hidden = [h.to(device) for h in hidden]
+        for name, (qw, amax) in quantized.items():
+            result.layers[name] = QuantizedLayer(qw, amax)
+            lin = model.get_submodule(name)
+            lin.weight.data = qw.dequantize(recipe.scheme.fp8_max).to(lin.weight.dtype)
+        start = done + 1
+        logger.warning("resuming after layer %d of %d", done, len(layers))
+    elif state is not None:
+        state.start()
+    bar = tqdm(range(start, len(layers)), desc=f"{recipe.method} layers", unit="layer", disable=not progress,
+               initial=start, total=len(layers))
     for i in bar:
         layers[i].to(device)
+        before = set(result.layers)
         err = calibrate_layer(layers[i], f"{prefix}.{i}", inputs, recipe, ignore, result)
         layers[i].to("cpu")
         result.layer_errors.append(err)
+        if state is not None:
+            state.commit(i, {n: result.layers[n] for n in result.layers.keys() - before}, result.layer_errors,
+                         inputs.hidden)
         bar.set_postfix(err=f"{err:.4f}")
         logger.info("layer %d: relative output error %.5f", i, err)
-    if not result.layers:
-        raise ValueError("no Linear layer was quantized (all ignored?)")
     result.seconds = time.perf_counter() - t0
     return result

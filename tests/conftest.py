@@ -56,3 +56,19 @@ def make_checkpoint(out: Path, arch: str = "llama", method: str = "rtn", activat
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_threads():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def save_tiny_model_dir(path: Path, arch: str = "llama", layers: int = 2, text: str | None = None) -> Path:
+    """A tiny random model + a small BPE tokenizer trained here, saved as a HF folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    model = tiny_model(arch, num_hidden_layers=layers)
+    model.save_pretrained(path)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"])
+    sample = text or "The quick brown fox jumps over the lazy dog. " * 50
+    tok.train_from_iterator([sample], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    return path

@@ -122,9 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input, reported as one line (VLLM_DPQ_DEBUG=1: traceback)."""
+    from calibration import CalibrationError
+    from vllm_dpq.format import CheckpointError
+
+    return (CalibrationError, CheckpointError, FileExistsError, FileNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     args = build_parser().parse_args(argv)
-    return args.fn(args) or 0
+    try:
+        return args.fn(args) or 0
+    except user_errors() as e:
+        if os.environ.get("VLLM_DPQ_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""The `vllm-dpq quantize` command end to end on a tiny model saved to disk: bad input fails
+early and clearly; a run killed at any layer resumes to a byte-identical checkpoint."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import corpus, save_tiny_model_dir
+
+CLI = [sys.executable, "-m", "vllm_dpq.cli"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    text = corpus("austen_sensesensibility.txt").read_text()[:200_000]
+    return save_tiny_model_dir(tmp_path_factory.mktemp("m") / "tiny", layers=6, text=text)
+
+
+def quantize(model, out, *extra, check=True, **kw):
+    cmd = [*CLI, "quantize", str(model), str(out), "--data", str(corpus("austen_sensesensibility.txt")),
+           "--num-samples", "16", "--seq-len", "128", "--method", "dpq", "--batch-size", "4", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, **kw)
+
+
+def digest(folder: Path) -> dict:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+
+
+def test_quantize_and_inspect(tiny_dir, tmp_path):
+    out = tmp_path / "ck"
+    quantize(tiny_dir, out, "--activations", "static")
+    r = subprocess.run([*CLI, "inspect", str(out)], capture_output=True, text=True, check=True)
+    assert "quantized layers 42" in r.stdout and "FP8 static" in r.stdout
+    assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
+    # refuses to overwrite without --overwrite
+    r = quantize(tiny_dir, out, check=False)
+    assert r.returncode != 0 and "exists" in r.stderr
+
+
+def test_kill_and_resume_is_byte_identical(tiny_dir, tmp_path):
+    full = tmp_path / "full"
+    quantize(tiny_dir, full)
+    out = tmp_path / "resumed"
+    work = tmp_path / ".resumed.dpq-work"
+    cmd = [*CLI, "quantize", str(tiny_dir), str(out), "--data", str(corpus("austen_sensesensibility.txt")),
+           "--num-samples", "16", "--seq-len", "128", "--method", "dpq", "--batch-size", "4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    try:
+        while not (work / "layer_0001.safetensors").exists():  # killed after >= 2 committed layers
+            assert proc.poll() is None, "finished before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists(), "an interrupted run must not leave a checkpoint"
+    r = quantize(tiny_dir, out, "--resume")
+    assert "resuming after layer" in r.stderr
+    assert digest(out) == digest(full)
+    assert not work.exists()
+
+
+def test_resume_refuses_other_settings(tiny_dir, tmp_path):
+    out = tmp_path / "ck"
+    work = tmp_path / ".ck.dpq-work"
+    proc = subprocess.Popen([*CLI, "quantize", str(tiny_dir), str(out), "--data",
+                             str(corpus("austen_sensesensibility.txt")), "--num-samples", "16", "--seq-len", "128",
+                             "--method", "dpq"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (work / "fingerprint.json").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    r = quantize(tiny_dir, out, "--resume", "--group-size", "64", check=False)
+    assert r.returncode != 0 and "other settings" in r.stderr
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("no data", ["--data", "/nonexistent/file.txt"], "no such file or folder"),
+    ("too short", ["--seq-len", "100000000"], "fewer than one window"),
+    ("bad group", ["--group-size", "0"], "group_size"),
+    ("everything ignored", ["--ignore", "re:.*"], "no Linear layer"),
+    ("gar and act", ["--gar", "--act-order"], "exclusive"),
+])
+def test_bad_input_fails_clearly(tiny_dir, tmp_path, case, args, message):
+    extra = list(args)
+    r = quantize(tiny_dir, tmp_path / "ck", *extra, check=False)
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_empty_data_and_unsupported_model(tiny_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    r = subprocess.run([*CLI, "quantize", str(tiny_dir), str(tmp_path / "ck"), "--data", str(empty)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "empty" in r.stderr and "Traceback" not in r.stderr
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(gpt2)
+    r = subprocess.run([*CLI, "quantize", str(gpt2), str(tmp_path / "ck2"), "--data", str(empty)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "not supported" in r.stderr and "Traceback" not in r.stderr
