@@ -62,7 +62,7 @@ def save_checkpoint(out: str | os.PathLike, model: nn.Module, tokenizer, result:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_manifest(tmp, {name: tuple(layer.qw.shape) for name, layer in result.layers.items()})
+        write_manifest(tmp, {name: tuple(layer.qw.shape) for name, layer in result.layers.items()}, config.scheme)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

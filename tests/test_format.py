@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_checkpoint
-from vllm_dpq.format import MANIFEST, CheckpointError, read_checkpoint
+from vllm_dpq.format import MANIFEST, CheckpointError, file_digest, read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +50,20 @@ def test_roundtrip(tmp_path, arch, activations):
         assert any(n.endswith("q_proj.bias") for n in ck.tensors)
 
 
-def corrupt(src, dst, fn):
+def corrupt(src, dst, fn, sync_scheme=True):
     shutil.copytree(src, dst)
     tensors = load_file(str(dst / "model.safetensors"))
     config = json.loads((dst / "config.json").read_text())
     manifest = json.loads((dst / MANIFEST).read_text())
     fn(tensors, config, manifest)
+    if sync_scheme:  # keep the manifest's record of the numerics in step with config.json
+        q = config["quantization_config"]
+        manifest["scheme"] = {k: q.get(k) for k in manifest["scheme"]}
     save_file(tensors, str(dst / "model.safetensors"))
     (dst / "config.json").write_text(json.dumps(config))
+    # re-sign the file hashes, so that the deeper checks (not the hash) are what is tested
+    f = dst / "model.safetensors"
+    manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)}}
     (dst / MANIFEST).write_text(json.dumps(manifest))
     return dst
 
@@ -77,6 +83,8 @@ CASES = {
     "inf scale": (lambda t, c, m: t[f"{L0}.input_scale"].fill_(float("inf")), "not finite"),
     "zero scale": (lambda t, c, m: t[f"{L0}.weight_group_scale"].view(-1)[0].fill_(0), "not positive"),
     "negative scale": (lambda t, c, m: t[f"{L0}.input_scale"].fill_(-1), "not positive"),
+    "group scale too large": (lambda t, c, m: t[f"{L0}.weight_group_scale"].view(-1)[3].fill_(60.0), "exceeds fp8_max"),
+    "weight scale not a power of two": (lambda t, c, m: t[f"{L0}.weight_scale"].mul_(1.5), "not a power of two"),
     "unknown version": (lambda t, c, m: c["quantization_config"].update(format_version=99), "format_version 99"),
     "bad group size": (lambda t, c, m: c["quantization_config"].update(group_size=0), "group_size"),
     "group size disagrees": (lambda t, c, m: c["quantization_config"].update(group_size=64), "weight_group_scale: shape"),
@@ -97,16 +105,27 @@ def test_corruption_is_a_clear_error(ckpt_llama, tmp_path, case):
         read_checkpoint(bad)
 
 
+def test_config_and_manifest_disagree(ckpt_llama, tmp_path):
+    bad = corrupt(ckpt_llama, tmp_path / "bad", lambda t, c, m: c["quantization_config"].update(group_size=33),
+                  sync_scheme=False)
+    with pytest.raises(CheckpointError, match="disagree on the numerics \\(group_size\\)"):
+        read_checkpoint(bad)
+
+
 def test_truncated_and_missing_files(ckpt_llama, tmp_path):
     bad = tmp_path / "trunc"
     shutil.copytree(ckpt_llama, bad)
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: size .* differs from the manifest"):
+        read_checkpoint(bad)
     with pytest.raises(CheckpointError, match="model.safetensors: cannot read"):
-        read_checkpoint(bad)
+        read_checkpoint(bad, verify=False)  # even unverified, safetensors' own parser refuses it
     (bad / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+    with pytest.raises(CheckpointError, match="lists tensor files"):
         read_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        read_checkpoint(bad, verify=False)
     shutil.copytree(ckpt_llama, tmp_path / "nomani")
     (tmp_path / "nomani" / MANIFEST).unlink()
     with pytest.raises(CheckpointError, match="file not found"):
@@ -114,6 +133,16 @@ def test_truncated_and_missing_files(ckpt_llama, tmp_path):
     (tmp_path / "nomani" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         read_checkpoint(tmp_path / "nomani")
+
+
+def test_flipped_byte_is_detected(ckpt_llama, tmp_path):
+    bad = tmp_path / "flip"
+    shutil.copytree(ckpt_llama, bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-100] ^= 0x10  # somewhere in the tensor data: structurally still valid
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        read_checkpoint(bad)
 
 
 def test_inspect_prints_layers(ckpt_llama, capsys):

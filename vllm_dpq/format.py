@@ -14,6 +14,7 @@ Only safetensors are read: nothing in a checkpoint is ever executed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -113,13 +114,20 @@ def expected_tensors(prefix: str, n: int, k: int, scheme: Scheme) -> dict[str, t
     return out
 
 
-def check_scale(name: str, t: torch.Tensor) -> None:
-    """Scales must be finite and strictly positive."""
+def check_scale(name: str, t: torch.Tensor, scheme: Scheme | None = None) -> None:
+    """Scales must be finite and strictly positive. With the scheme, a DPQ checkpoint's scales
+    must also keep their invariants: 8 * s_g <= fp8_max, and s_w a power of two."""
     v = t.float()
     if not torch.isfinite(v).all():
         raise CheckpointError(f"tensor {name}: scale is not finite (NaN or Inf)")
     if not (v > 0).all():
         raise CheckpointError(f"tensor {name}: scale is not positive (min {v.min().item():g})")
+    if scheme is None:
+        return
+    if name.endswith(GROUP_SCALE) and (8 * v > scheme.fp8_max).any():
+        raise CheckpointError(f"tensor {name}: 8 * scale exceeds fp8_max {scheme.fp8_max:g} (max {v.max().item():g})")
+    if name.endswith(WEIGHT_SCALE) and not torch.equal(torch.frexp(v).mantissa.abs(), torch.full_like(v, 0.5)):
+        raise CheckpointError(f"tensor {name}: weight scale is not a power of two")
 
 
 def validate_layer(prefix: str, tensors: Mapping[str, torch.Tensor], n: int, k: int, scheme: Scheme) -> None:
@@ -133,7 +141,7 @@ def validate_layer(prefix: str, tensors: Mapping[str, torch.Tensor], n: int, k: 
         if tuple(t.shape) != shape:
             raise CheckpointError(f"tensor {name}: shape {list(t.shape)}, expected {list(shape)} (layer [N, K] = [{n}, {k}])")
         if not name.endswith(PACKED):
-            check_scale(name, t)
+            check_scale(name, t, scheme)
     if scheme.activation_scheme == "dynamic" and f"{prefix}.{INPUT_SCALE}" in tensors:
         raise CheckpointError(
             f"tensor {prefix}.{INPUT_SCALE} present but activation_scheme is 'dynamic': config and tensors disagree"
@@ -242,14 +250,22 @@ def read_manifest(path: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read and fully validate a DPQ checkpoint folder."""
+def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+    """Read and fully validate a DPQ checkpoint folder (verify: check file hashes too)."""
     path = Path(path)
     hf_config = _load_json(path / "config.json")
     if not isinstance(hf_config, dict) or "quantization_config" not in hf_config:
         raise CheckpointError(f"{path / 'config.json'}: no quantization_config (not a DPQ checkpoint)")
     config = DPQConfig.from_dict(hf_config["quantization_config"])
     layers = read_manifest(path)
+    recorded = _load_json(path / MANIFEST).get("scheme")
+    if recorded is not None and recorded != config.scheme.to_dict():
+        diff = sorted(k for k in set(recorded) | set(config.scheme.to_dict())
+                      if recorded.get(k) != config.scheme.to_dict().get(k))
+        raise CheckpointError(f"config.json and {MANIFEST} disagree on the numerics ({', '.join(diff)}): "
+                              "config and tensors disagree")
+    if verify:
+        verify_files(path)
     tensors = load_safetensors(path)
     for prefix, (n, k) in layers.items():
         validate_layer(prefix, tensors, n, k, config.scheme)
@@ -262,9 +278,41 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path, hf_config, config, layers, tensors)
 
 
-def write_manifest(path: Path, layers: Mapping[str, tuple[int, int]]) -> None:
-    data = {"format_version": FORMAT_VERSION, "layers": {k: {"shape": list(v)} for k, v in sorted(layers.items())}}
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(path: Path, layers: Mapping[str, tuple[int, int]], scheme: Scheme | None = None) -> None:
+    """Call after the tensor files are written: records each one's size and sha256, and the
+    numerics the tensors were made for (checked against config.json on read)."""
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)} for f in sorted(path.glob("*.safetensors"))}
+    data = {"format_version": FORMAT_VERSION, "layers": {k: {"shape": list(v)} for k, v in sorted(layers.items())},
+            "files": files}
+    if scheme is not None:
+        data["scheme"] = scheme.to_dict()
     (path / MANIFEST).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def verify_files(path: Path) -> None:
+    """Sizes and sha256 of the tensor files against the manifest (detects any corruption)."""
+    files = _load_json(path / MANIFEST).get("files")
+    if files is None:
+        return
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{MANIFEST}: 'files' must be an object")
+    present = {f.name for f in path.glob("*.safetensors")}
+    if present != set(files):
+        raise CheckpointError(f"{MANIFEST}: lists tensor files {sorted(files)} but the folder has {sorted(present)}")
+    for name, info in sorted(files.items()):
+        f = path / name
+        if not isinstance(info, dict) or f.stat().st_size != info.get("bytes"):
+            raise CheckpointError(f"{name}: size {f.stat().st_size} differs from the manifest (truncated or altered)")
+        if file_digest(f) != info.get("sha256"):
+            raise CheckpointError(f"{name}: sha256 differs from the manifest (file corrupted or altered)")
 
 
 def scale_summary(t: torch.Tensor) -> str:

@@ -100,6 +100,10 @@ class DPQLinearMethod(LinearMethodBase):
         loader = extra_weight_attrs["weight_loader"]
         layer.logical_widths = list(output_partition_sizes)
         layer.input_size_per_partition = k
+        if getattr(self.quant_config, "ct", None) is not None:  # compressed-tensors import: their names
+            from vllm_dpq.interop.compressed_tensors import ct_create_weights
+
+            return ct_create_weights(layer, n, k, s, loader, _track_loads)
 
         def nan(*shape, dtype=torch.float32):  # the "never loaded" sentinel of every scale
             return torch.full(shape, float("nan"), dtype=dtype)
@@ -150,7 +154,7 @@ class DPQLinearMethod(LinearMethodBase):
             pieces = p.data.split(1 if isinstance(p, PerTensorScaleParameter) else widths)
             for shard_name, piece in zip(shard_names, pieces):
                 try:
-                    check_scale(f"{shard_name}.{name}", piece)
+                    check_scale(f"{shard_name}.{name}", piece, None if self.quant_config.ct is not None else self.scheme)
                 except CheckpointError as e:
                     raise CheckpointError(f"{e} (missing from the checkpoint or invalid)") from None
 
@@ -161,6 +165,11 @@ class DPQLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer) -> None:
         self._validate(layer)
+        if getattr(self.quant_config, "ct", None) is not None:  # compressed-tensors import: fold S
+            from vllm_dpq.interop.compressed_tensors import ct_weights_after_loading
+
+            return self._select_backend(layer, ct_weights_after_loading(layer, layer.input_size_per_partition,
+                                                                        self.scheme))
         s, widths = self.scheme, layer.logical_widths
         k = layer.input_size_per_partition
 
@@ -187,6 +196,9 @@ class DPQLinearMethod(LinearMethodBase):
             group_size=s.group(k),
             fp8_max=s.fp8_max,
         )
+        self._select_backend(layer, weights)
+
+    def _select_backend(self, layer, weights: W4A8Weights) -> None:
         backend = select_backend(weights, layer.weight_packed.device)
         self._once(f"backend:{backend.name}", logging.INFO,
                    "DPQ: using backend %s (%s to override)", backend.name, ENV_BACKEND)
