@@ -48,6 +48,7 @@ class Recipe:
     codes: str = "nearest"  # round: q = round(w / s_g) (paper) | nearest: q minimising the chain error
     refit_scales: bool = False
     hessian_fp8: bool = False  # Hessian from FP8-quantized inputs (what inference sees)
+    fold: str = "none"  # none | vllm: scales in stock vLLM's folded form (compressed-tensors export)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -58,6 +59,14 @@ class Recipe:
             raise ValueError(f"scale_search must be one of {SCALE_SEARCHES}, got {self.scale_search!r}")
         if self.codes not in CODES:
             raise ValueError(f"codes must be one of {CODES}, got {self.codes!r}")
+        if self.fold not in ("none", "vllm"):
+            raise ValueError(f"fold must be 'none' or 'vllm', got {self.fold!r}")
+        if self.fold == "vllm":
+            from vllm_dpq.interop.compressed_tensors import folded_scheme_problems
+
+            problems = folded_scheme_problems(self.scheme) + (["no --refit-scales"] if self.refit_scales else [])
+            if problems:
+                raise ValueError("the compressed-tensors target needs: " + "; ".join(problems))
         if self.order == "act" and self.refit_scales:
             raise ValueError("act-order mixes groups, so scales cannot be refitted per group: drop one of the two")
         if not 0 <= self.damp < 1:
@@ -74,6 +83,10 @@ class Recipe:
         return self.method != "gptq"
 
     def chain(self) -> "Chain":
+        if self.fold == "vllm":
+            from vllm_dpq.interop.compressed_tensors import FoldedChain
+
+            return FoldedChain(self.scheme, self.fp8_aware, self.scale_search, self.codes)
         return Chain(self.scheme, self.fp8_aware, self.scale_search, self.codes)
 
     def to_dict(self) -> dict:

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refit-scales", action="store_true", help="refit group scales as GPTQ updates the weights")
     p.add_argument("--hessian-fp8", action="store_true", help="Hessian from FP8-quantized inputs")
     p.add_argument("--paper-recipe", action="store_true", help="the paper's recipe: max scales, rounded codes, no refit")
+    p.add_argument("--target", choices=("dpq", "compressed-tensors"), default="dpq",
+                   help="compressed-tensors: group 128, per-channel s_w, FP8 group scales, dynamic activations, "
+                        "scales fitted in stock vLLM's folded form, so `vllm-dpq export` is exact (docs/INTEROP.md)")
     p.add_argument("--num-samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--activations", choices=("static", "dynamic"), default="dynamic",
@@ -62,6 +65,13 @@ def recipe_from_args(args) -> Recipe:
         opts.update(PAPER_RECIPE)
     scheme = Scheme(group_size=args.group_size, fp8_max=args.fp8_max, weight_scale=args.weight_scale,
                     group_scale_dtype=args.group_scale_dtype, activation_scheme=args.activations)
+    if args.target == "compressed-tensors":
+        from vllm_dpq.interop.compressed_tensors import folded_scheme
+
+        if args.group_size not in (32, 128) or args.activations != "dynamic" or args.fp8_max != 448.0:
+            raise SystemExit("error: --target compressed-tensors fixes group 128, dynamic activations, fp8_max 448")
+        scheme = folded_scheme()
+        opts["fold"] = "vllm"
     order = "gar" if args.gar else "act" if args.act_order else "none"
     return Recipe(method=args.method, scheme=scheme, order=order, damp=args.damp, block_size=args.block_size, **opts)
 

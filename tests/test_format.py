@@ -84,7 +84,7 @@ CASES = {
     "zero scale": (lambda t, c, m: t[f"{L0}.weight_group_scale"].view(-1)[0].fill_(0), "not positive"),
     "negative scale": (lambda t, c, m: t[f"{L0}.input_scale"].fill_(-1), "not positive"),
     "group scale too large": (lambda t, c, m: t[f"{L0}.weight_group_scale"].view(-1)[3].fill_(60.0), "exceeds fp8_max"),
-    "weight scale not a power of two": (lambda t, c, m: t[f"{L0}.weight_scale"].mul_(1.5), "not a power of two"),
+    "weight scale not a power of two": (lambda t, c, m: t[f"{L0}.weight_scale"].mul_(1.5), "per-tensor weight scale is not a power of two"),
     "unknown version": (lambda t, c, m: c["quantization_config"].update(format_version=99), "format_version 99"),
     "bad group size": (lambda t, c, m: c["quantization_config"].update(group_size=0), "group_size"),
     "group size disagrees": (lambda t, c, m: c["quantization_config"].update(group_size=64), "weight_group_scale: shape"),

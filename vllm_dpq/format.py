@@ -116,7 +116,8 @@ def expected_tensors(prefix: str, n: int, k: int, scheme: Scheme) -> dict[str, t
 
 def check_scale(name: str, t: torch.Tensor, scheme: Scheme | None = None) -> None:
     """Scales must be finite and strictly positive. With the scheme, a DPQ checkpoint's scales
-    must also keep their invariants: 8 * s_g <= fp8_max, and s_w a power of two."""
+    must also keep their invariants: 8 * s_g <= fp8_max, and a per-tensor s_w is a power of two
+    (per-channel s_w may be any positive fp32, DPQ spec section 1)."""
     v = t.float()
     if not torch.isfinite(v).all():
         raise CheckpointError(f"tensor {name}: scale is not finite (NaN or Inf)")
@@ -126,8 +127,9 @@ def check_scale(name: str, t: torch.Tensor, scheme: Scheme | None = None) -> Non
         return
     if name.endswith(GROUP_SCALE) and (8 * v > scheme.fp8_max).any():
         raise CheckpointError(f"tensor {name}: 8 * scale exceeds fp8_max {scheme.fp8_max:g} (max {v.max().item():g})")
-    if name.endswith(WEIGHT_SCALE) and not torch.equal(torch.frexp(v).mantissa.abs(), torch.full_like(v, 0.5)):
-        raise CheckpointError(f"tensor {name}: weight scale is not a power of two")
+    if (name.endswith(WEIGHT_SCALE) and scheme.weight_scale == "tensor"
+            and not torch.equal(torch.frexp(v).mantissa.abs(), torch.full_like(v, 0.5))):
+        raise CheckpointError(f"tensor {name}: per-tensor weight scale is not a power of two")
 
 
 def validate_layer(prefix: str, tensors: Mapping[str, torch.Tensor], n: int, k: int, scheme: Scheme) -> None:

@@ -133,7 +133,8 @@ def compute_group_scales(w: torch.Tensor, s_w: torch.Tensor, scheme: Scheme) -> 
 def quantize_codes(w: torch.Tensor, s_w: torch.Tensor, s_g_full: torch.Tensor) -> torch.Tensor:
     """INT4 codes (int8 storage) from the un-cast weight: one rounding. s_g_full is [N, K] or
     broadcastable (e.g. one column)."""
-    return torch.round(w.float() / _col(s_w) / s_g_full).clamp(INT4_MIN, INT4_MAX).to(torch.int8)
+    s_w = s_w if s_w.ndim == w.ndim else _col(s_w)
+    return torch.round(w.float() / s_w / s_g_full).clamp(INT4_MIN, INT4_MAX).to(torch.int8)
 
 
 def fp8_weight(q: torch.Tensor, s_g_full: torch.Tensor, fp8_max: float) -> torch.Tensor:
