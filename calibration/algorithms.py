@@ -135,9 +135,13 @@ class Chain:
         if self.scale_search == "max":
             return rnd(s_max)
 
-        def error(shrink: torch.Tensor) -> torch.Tensor:
-            _, w_eff = self(w, s_w, rnd(s_max * shrink))
-            e = (w - w_eff) ** 2
+        ws = w / s_w.reshape(-1, 1, 1)  # in units of s_w: one factor per row, same for every candidate
+        one = torch.ones(1)
+
+        def error(shrink: torch.Tensor) -> torch.Tensor:  # lean: rounded codes, no neighbour search
+            s = rnd(s_max * shrink)
+            idx = torch.round(ws / s.unsqueeze(-1)).clamp_(-8, 7).long().add_(8)
+            e = (ws - torch.gather(self.grid(one, s), -1, idx)).square_()
             return (e * diag if diag is not None else e).sum(-1)
 
         best = best_e = center = None
@@ -210,12 +214,14 @@ def prepare_hessian(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torc
 
 
 def upper_cholesky_inverse(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1, adding damping if H is not positive definite."""
+    """Upper Cholesky factor of H^-1, adding damping if H is not positive definite.
+    (H^-1 = L^-T L^-1 by a triangular solve: torch.cholesky_inverse is ~20x slower on CPU.)"""
     extra = 0.0
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for _ in range(6):
         try:
-            l = torch.linalg.cholesky(h + extra * torch.eye(h.shape[0]))
-            return torch.linalg.cholesky(torch.cholesky_inverse(l), upper=True)
+            l_inv = torch.linalg.solve_triangular(torch.linalg.cholesky(h + extra * eye), eye, upper=False)
+            return torch.linalg.cholesky(l_inv.t() @ l_inv, upper=True)
         except torch.linalg.LinAlgError:
             extra = max(extra * 10, 1e-2 * torch.mean(torch.diag(h)).item())
             logger.warning("Hessian not positive definite: adding damping %.3g", extra)

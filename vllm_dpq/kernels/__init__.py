@@ -19,14 +19,15 @@ import torch
 from vllm_dpq.kernels.base import Backend, W4A8Weights
 from vllm_dpq.kernels.cpu import CpuBackend
 from vllm_dpq.kernels.scaled_mm import ScaledMMBackend
+from vllm_dpq.kernels.triton_w4a8 import TritonBackend
 
 logger = logging.getLogger("vllm_dpq")
 
 ENV_BACKEND = "VLLM_DPQ_BACKEND"
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (CpuBackend(), ScaledMMBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (CpuBackend(), ScaledMMBackend(), TritonBackend())}
 # preference order per device type; the first that supports the layer wins
-PREFERENCE = {"cpu": ("cpu",), "cuda": ("scaled_mm",)}
+PREFERENCE = {"cpu": ("cpu",), "cuda": ("triton", "scaled_mm")}
 
 
 def select_backend(weights: W4A8Weights, device: torch.device | str, override: str | None = None) -> Backend:

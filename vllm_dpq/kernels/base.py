@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,11 @@ class W4A8Weights:
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_activation(x, self.input_scale, self.fp8_max)
 
+    def without_weight_data(self) -> "W4A8Weights":
+        """The same layer description, holding no reference to the packed codes and group
+        scales (for backends that keep their own copy in another layout)."""
+        return replace(self, packed=self.packed.new_empty((self.n, 0)), group_scale=self.group_scale.new_empty((self.n, 0)))
+
 
 class Backend:
     name = "base"
@@ -46,6 +51,10 @@ class Backend:
     def prepare(self, w: W4A8Weights) -> Any:
         """Load-time layout work; the result is passed back to apply()."""
         raise NotImplementedError
+
+    def keeps_packed(self, state: Any) -> bool:
+        """Whether state still uses w.packed / w.group_scale (else the caller may free them)."""
+        return False
 
     def apply(self, state: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] (bf16/fp16/fp32) -> y [..., N] in x's dtype."""

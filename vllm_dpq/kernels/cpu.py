@@ -42,7 +42,10 @@ class CpuBackend(Backend):
         if mode == "int4":
             return (mode, w)
         w8 = w.fp8_values()
-        return (mode, w, w8.to(FP8_DTYPE) if mode == "fp8" else w8.to(torch.bfloat16))
+        return (mode, w.without_weight_data(), w8.to(FP8_DTYPE) if mode == "fp8" else w8.to(torch.bfloat16))
+
+    def keeps_packed(self, state):
+        return state[0] == "int4"
 
     def apply(self, state, x, bias=None):
         mode, w = state[0], state[1]

@@ -38,7 +38,7 @@ class ScaledMMBackend(Backend):
         pad_k, pad_n = (-w.k) % self.align, (-w.n) % self.align
         w8 = F.pad(w8, (0, pad_k, 0, pad_n)).to(FP8_DTYPE)
         s_w = F.pad(w.weight_scale.float().expand(w.n), (0, pad_n), value=1.0).reshape(1, -1).contiguous()
-        return w, w8, s_w, pad_k, pad_n
+        return w.without_weight_data(), w8, s_w, pad_k, pad_n
 
     def apply(self, state, x, bias=None):
         w, w8, s_w, pad_k, pad_n = state

@@ -202,10 +202,15 @@ class DPQLinearMethod(LinearMethodBase):
         backend = select_backend(weights, layer.weight_packed.device)
         self._once(f"backend:{backend.name}", logging.INFO,
                    "DPQ: using backend %s (%s to override)", backend.name, ENV_BACKEND)
-        # The state references the parameters' storage (no copy), so nothing is freed here.
-        layer._dpq_weights = weights  # what the backend was given, for inspection and tests
         layer._dpq_backend = backend
         layer._dpq_state = backend.prepare(weights)
+        if not backend.keeps_packed(layer._dpq_state):  # the backend made its own copy: free ours
+            for name in (PACKED, GROUP_SCALE):
+                param = getattr(layer, name, None)  # a compressed-tensors import has no group scale param
+                if param is not None:
+                    param.data = param.data.new_empty((0,))
+            weights = weights.without_weight_data()
+        layer._dpq_weights = weights  # what the backend was given (minus freed data), for tests
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return layer._dpq_backend.apply(layer._dpq_state, x, bias)

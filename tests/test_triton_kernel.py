@@ -1,0 +1,485 @@
+"""The Triton W4A8 backend, checked on CPU (no GPU here).
+
+Three kinds of checks:
+
+* Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported: each check runs
+  this file in a subprocess) runs the real kernels on CPU tensors. It supports FP8: ``tl.dot``
+  on float8e4nv operands, loads/stores of fp8 tensors, and fp8 -> fp32. Its fp32 -> float8e4nv
+  conversion does not round to nearest even (ties away from zero, mantissa carry into the
+  exponent dropped: 126.6 -> 64.0; Triton 3.6 also loses the sign of -0.0), so under the
+  interpreter the kernels use their exact integer RNE emulation (``EMULATE_RNE``), which is
+  also what the activation kernel uses on the GPU by default; the GPU's hardware conversion
+  (used for the weight tiles) is checked exhaustively by benchmarks/gpu_check.py.
+  Checked: the FP8 rounding, activation quantization and the dequantized weight tiles bit for
+  bit; the fused GEMM (both unpack modes, split-K, every group layout, bf16/fp8 group scales,
+  static/dynamic, bias, fp16/fp32/3-D inputs), the dequantize + torch._scaled_mm path, and
+  the backend's custom op under torch.compile(fullgraph=True), against
+  ``numerics.reference_linear``.
+* Ahead-of-time compilation for sm_89 / sm_90 / sm_100 with the ptxas that Triton's wheel
+  carries (no GPU needed): the kernels compile, use tensor-core MMA, divide with div.rn, and
+  do not spill registers.
+* Dispatch: never triton on CPU; VLLM_DPQ_BACKEND=triton on CPU is a clear error; the module
+  imports without triton.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ULP = 2.0**-7  # one bf16 ulp, relative (see tests/test_kernels.py)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def make(n, k, m, scheme, static, seed=0, dtype=torch.bfloat16):
+    from vllm_dpq.kernels.base import W4A8Weights
+    from vllm_dpq.numerics import quantize_rtn
+    from vllm_dpq.packing import pack_int4
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = (torch.randn(m, k, generator=g) * 2).to(dtype)
+    if m > 1:
+        x[1] = 0
+    qw = quantize_rtn(w, scheme)
+    s_x = torch.tensor([x.float().abs().max().item() / scheme.fp8_max]) if static else None
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    weights = W4A8Weights(pack_int4(qw.q), qw.group_scale, qw.weight_scale, s_x, k, qw.group_size, scheme.fp8_max)
+    return qw, x, s_x, bias, weights
+
+
+def close(y, ref, bias=None):
+    """Within one bf16 ulp of the GEMM result (the bias is added after that rounding)."""
+    y, ref = y.float(), ref.float()
+    gemm = ref - (bias.float() if bias is not None else 0)
+    return bool(((y - ref).abs() <= ULP * (ref.abs() + gemm.abs()) + 1e-5).all())
+
+
+def synthetic_weights(n, k, group, scale_dtype, fp8_max=448.0, seed=0):
+    """Random codes and deliberately awkward group scales: some saturate (8 * s_g > fp8_max),
+    some give FP8 subnormals, some hit rounding ties."""
+    from vllm_dpq.kernels.base import W4A8Weights
+    from vllm_dpq.packing import pack_int4
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    groups = -(-k // group)
+    kind = torch.randint(0, 4, (n, groups), generator=g)
+    s = torch.exp2(torch.empty(n, groups).uniform_(-12, 3, generator=g))
+    s = torch.where(kind == 0, torch.empty(n, groups).uniform_(40, 120, generator=g), s)  # saturating
+    s = torch.where(kind == 1, torch.exp2(torch.empty(n, groups).uniform_(-16, -9, generator=g)), s)  # subnormal
+    s = torch.where(kind == 2, 1.0 + torch.randint(0, 16, (n, groups), generator=g) / 16.0, s)  # ties
+    s = s.to(scale_dtype)
+    s = torch.where(s.float() > 0, s.float(), torch.tensor(2.0**-9)).to(scale_dtype)
+    return W4A8Weights(pack_int4(q), s, torch.tensor([0.5]), None, k, group, fp8_max)
+
+
+# ----------------------------------------------------------------------------- interpreter side
+# These functions run in a subprocess with TRITON_INTERPRET=1. Each returns a dict with a
+# "failures" list; the pytest side asserts it is empty.
+
+def _case_cast() -> dict:
+    """fp32 -> e4m3 rounding through the activation kernel (static scale 1: x / 1 is exact)."""
+    from vllm_dpq.kernels import triton_w4a8 as tw
+    from vllm_dpq.numerics import FP8_DTYPE
+
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
+    grid = grid[torch.isfinite(grid)].unique().sort().values
+    mids = (grid[1:] + grid[:-1]) / 2
+    up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+    g = torch.Generator().manual_seed(0)
+    rand = torch.cat([torch.randn(4000, generator=g) * 100,
+                      torch.exp2(torch.empty(4000).uniform_(-14, 9, generator=g))
+                      * torch.randn(4000, generator=g).sign(),
+                      torch.empty(2000).uniform_(-2**-6, 2**-6, generator=g)])
+    x = torch.cat([grid, mids, mids.nextafter(up), mids.nextafter(down), rand, torch.tensor([460.0, -1e6, 1e-30])])
+    ref = x.clamp(-448, 448).to(FP8_DTYPE)
+    one = torch.ones(1)
+    failures = []
+    xq, _ = tw.quantize_activation(x.reshape(1, -1), one, 448.0)
+    bad = xq.view(torch.uint8) != ref.view(torch.uint8)
+    if bad.any():
+        failures.append(f"emulated RNE: {int(bad.sum())} of {x.numel()} differ, e.g. {x[bad.reshape(-1)][:5].tolist()}")
+    # the interpreter's own conversion, for the record
+    xq_native = torch.empty_like(xq)
+    sx = torch.empty(1)
+    x2 = x.reshape(1, -1).contiguous()
+    tw._kernels()["act_quant"][(1,)](x2, xq_native, sx, one, x.numel(), x.numel(), x2.stride(0), xq_native.stride(0),
+                                     448.0, STATIC=True, BLOCK_K=1024, EMULATE_RNE=False)
+    native_bad = xq_native.view(torch.uint8) != ref.view(torch.uint8)
+    example = None
+    if native_bad.any():
+        i = int(native_bad.reshape(-1).nonzero()[0])
+        example = [float(x[i]), float(xq_native.reshape(-1)[i].float()), float(ref[i].float())]
+    return {"failures": failures, "n": x.numel(), "native_mismatches": int(native_bad.sum()),
+            "native_example": example, "emulate_under_interpreter": all(tw.rne_modes())}
+
+
+def _case_act() -> dict:
+    from vllm_dpq.kernels import triton_w4a8 as tw
+    from vllm_dpq.numerics import quantize_activation
+
+    g = torch.Generator().manual_seed(1)
+    failures = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        mag = torch.exp2(torch.empty(6, 300).uniform_(-20, 10, generator=g))
+        x = (torch.randn(6, 300, generator=g) * mag)
+        x[1] = 0
+        x[2, :7] = 1e-8  # tiny row head: e4m3 subnormals after scaling
+        x = x.clamp(-6e4, 6e4).to(dtype)
+        for static in (None, torch.tensor([0.05]), torch.tensor([3e-3])):  # small static: saturates
+            for k_out in (300, 304):
+                xq, sx = tw.quantize_activation(x, static, 448.0, k_out=k_out, block_k=128)
+                rq, rs = quantize_activation(x, static, 448.0)
+                rq8 = rq.to(torch.float8_e4m3fn).view(torch.uint8)
+                ok = torch.equal(xq[:, :300].view(torch.uint8), rq8) and bool((xq[:, 300:].float() == 0).all())
+                ok = ok and torch.equal(sx, rs.reshape(-1).expand(6))
+                if not ok:
+                    failures.append(f"act quant {dtype} static={static} k_out={k_out}")
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    for fp8_max in (240.0, 448.0):
+        xq, sx = tw.quantize_activation(x, None, fp8_max)
+        rq, rs = quantize_activation(x, None, fp8_max)
+        if not (torch.equal(xq.float(), rq) and torch.equal(sx, rs.reshape(-1))):
+            failures.append(f"act quant fp8_max={fp8_max}")
+    return {"failures": failures}
+
+
+def _case_dequant() -> dict:
+    from vllm_dpq.kernels import triton_w4a8 as tw
+    from vllm_dpq.numerics import FP8_DTYPE
+
+    failures = []
+    checked = 0
+    for i, (n, k, group) in enumerate([(24, 72, 32), (40, 100, 64), (40, 256, 128), (24, 100, 100), (16, 200, 64),
+                                       (24, 96, 96)]):
+        for sdt in (torch.bfloat16, FP8_DTYPE):
+            for fp8_max in ((448.0, 240.0) if i == 1 else (448.0,)):
+                w = synthetic_weights(n, k, group, sdt, fp8_max, seed=n + k)
+                ref = w.fp8_values().to(FP8_DTYPE).view(torch.uint8)
+                st = tw.prepare_weights(w)
+                for unpack in ("gather", "reshape"):
+                    for bk in (32, 64):
+                        got = tw.dequantize_weight(st, layout="nk", block_k=bk, block_n=16, unpack=unpack)
+                        checked += 1
+                        if not torch.equal(got.view(torch.uint8), ref):
+                            bad = int((got.view(torch.uint8) != ref).sum())
+                            failures.append(f"dequant n={n} k={k} g={group} {sdt} max={fp8_max} {unpack} bk={bk}: "
+                                            f"{bad} differ")
+                kn = tw.dequantize_weight(st, layout="kn", k_out=k + 5, n_out=n + 3)
+                if not (torch.equal(kn[:k, :n].view(torch.uint8), ref.t()) and (kn[k:].float() == 0).all()
+                        and (kn[:, n:].float() == 0).all()):
+                    failures.append(f"dequant kn padded n={n} k={k} g={group}")
+    return {"failures": failures, "checked": checked}
+
+
+def _gemm_cases():
+    """A covering design over the brief's matrix: every (N, K, G) with M, scale dtype,
+    activation scheme, weight-scale kind and kernel config rotating; each with and without bias."""
+    from vllm_dpq.kernels.triton_w4a8 import TritonConfig
+
+    configs = [None,  # pick_config (split-K for small M here)
+               TritonConfig(16, 16, 32, unpack="gather"),
+               TritonConfig(16, 32, 64, split_k=2),
+               TritonConfig(16, 64, 128, split_k=4, unpack="gather"),
+               TritonConfig(32, 16, 64, group_m=2)]
+    i = 0
+    for n in (24, 40):
+        for k in (72, 100, 256):
+            for g in (32, 64, -1):
+                yield dict(n=n, k=k, g=g, m=(1, 5)[i % 2], sdt=("bfloat16", "float8_e4m3fn")[(i // 2) % 2],
+                           static=bool((i // 4) % 2), channel=i % 3 == 0, config=configs[i % len(configs)])
+                i += 1
+
+
+def _case_gemm() -> dict:
+    from vllm_dpq.kernels import triton_w4a8 as tw
+    from vllm_dpq.kernels.triton_w4a8 import TritonConfig
+    from vllm_dpq.numerics import Scheme, reference_linear
+
+    failures = []
+    count = 0
+
+    def check(label, n, k, g, m, sdt="bfloat16", static=False, channel=False, config=None, dtype=torch.bfloat16,
+              path="fused", fp8_max=448.0, shape3d=False):
+        nonlocal count
+        scheme = Scheme(group_size=g, group_scale_dtype=sdt, weight_scale="channel" if channel else "tensor",
+                        fp8_max=fp8_max)
+        qw, x, s_x, bias, w = make(n, k, m, scheme, static, seed=count, dtype=dtype)
+        st = tw.TritonBackend().prepare(w)
+        for b in (None, bias):
+            xx = x.reshape(m, 1, k) if shape3d else x
+            y = tw.linear(st, xx, b, config=config, path=path)
+            ref = reference_linear(x, qw, scheme.fp8_max, s_x, b, out_dtype=dtype)
+            count += 1
+            if y.shape != (*xx.shape[:-1], n) or y.dtype != dtype:
+                failures.append(f"{label}: shape/dtype {tuple(y.shape)} {y.dtype}")
+            elif not close(y.reshape(m, n), ref, b):
+                err = (y.reshape(m, n).float() - ref.float()).abs().max().item()
+                failures.append(f"{label} bias={b is not None}: max err {err}")
+
+    for c in _gemm_cases():
+        check(f"gemm {c}", c["n"], c["k"], c["g"], c["m"], c["sdt"], c["static"], c["channel"], c["config"])
+    # several M tiles with grouped ordering, ragged group with a tile-aligned group size, G % BK == 0
+    check("m=37 grouped", 40, 200, 64, 37, config=TritonConfig(16, 16, 32, group_m=2))
+    check("g%bk==0 ragged", 24, 200, 64, 5, "float8_e4m3fn", config=TritonConfig(16, 32, 64))
+    check("g%bk==0 reshape", 24, 256, 128, 5, config=TritonConfig(16, 32, 128, split_k=2))
+    check("fp16 out", 24, 100, 32, 5, dtype=torch.float16)
+    check("fp32 out", 24, 100, 32, 5, dtype=torch.float32, static=True)
+    check("fp8_max 240", 24, 72, 32, 5, fp8_max=240.0)
+    check("3-d input", 24, 72, 32, 5, shape3d=True)
+    check("dequant path", 40, 100, 32, 9, path="dequant")
+    check("dequant path static fp8", 24, 256, 64, 9, "float8_e4m3fn", static=True, channel=True, path="dequant")
+
+    # TritonBackend.apply goes through one custom op, opaque to torch.compile(fullgraph=True)
+    scheme = Scheme(group_size=32)
+    qw, x, s_x, bias, w = make(40, 100, 5, scheme, False, seed=99)
+    backend = tw.TritonBackend()
+    st = backend.prepare(w)
+    y_op = backend.apply(st, x, bias)
+    compiled = torch.compile(lambda xx, bb: backend.apply(st, xx, bb) * 1, fullgraph=True, backend="eager")
+    y_c = compiled(x, bias)
+    ref = reference_linear(x, qw, scheme.fp8_max, s_x, bias)
+    if not (close(y_op, ref, bias) and torch.equal(y_op, tw.linear(st, x, bias)) and torch.equal(y_c, y_op)):
+        failures.append("custom op / torch.compile(fullgraph=True)")
+    return {"failures": failures, "checked": count}
+
+
+CASES = {"cast": _case_cast, "act": _case_act, "dequant": _case_dequant, "gemm": _case_gemm}
+
+
+def run_interpreted(case: str) -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("VLLM_DPQ_TRITON_CONFIG", None)
+    p = subprocess.run([sys.executable, __file__, case], env=env, capture_output=True, text=True, timeout=900,
+                       cwd=ROOT)
+    assert p.returncode == 0, f"interpreter run {case!r} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- pytest side
+
+def _triton_error():
+    from vllm_dpq.kernels.triton_w4a8 import triton_import_error
+
+    return triton_import_error()
+
+
+needs_triton = pytest.mark.skipif(_triton_error() is not None, reason=f"triton not importable: {_triton_error()}")
+
+
+@needs_triton
+def test_interpreter_fp8_cast():
+    r = run_interpreted("cast")
+    assert r["failures"] == []
+    # we never rely on the interpreter's own rounding: it is wrong in Triton 3.6-3.9
+    if r["native_mismatches"]:
+        assert r["emulate_under_interpreter"], r
+    print("interpreter native fp32->fp8 mismatches:", r["native_mismatches"], "of", r["n"], r["native_example"])
+
+
+@needs_triton
+def test_interpreter_activation_quantization_bit_exact():
+    assert run_interpreted("act")["failures"] == []
+
+
+@needs_triton
+def test_interpreter_weight_tiles_bit_exact():
+    r = run_interpreted("dequant")
+    assert r["failures"] == [] and r["checked"] > 0
+
+
+@needs_triton
+def test_interpreter_gemm_matches_reference():
+    r = run_interpreted("gemm")
+    assert r["failures"] == [] and r["checked"] >= 50
+
+
+def _weights(n=16, k=64):
+    from vllm_dpq.numerics import Scheme
+
+    return make(n, k, 3, Scheme(group_size=32), False)[4]
+
+
+def test_registered_and_preferred_on_cuda():
+    from vllm_dpq.kernels import BACKENDS, PREFERENCE
+
+    assert "triton" in BACKENDS
+    assert PREFERENCE["cuda"][0] == "triton" and "scaled_mm" in PREFERENCE["cuda"]
+
+
+def test_dispatch_never_picks_triton_on_cpu(monkeypatch):
+    from vllm_dpq.kernels import ENV_BACKEND, select_backend
+
+    monkeypatch.delenv(ENV_BACKEND, raising=False)
+    assert select_backend(_weights(), "cpu").name == "cpu"
+
+
+def test_forcing_triton_on_cpu_is_a_clear_error(monkeypatch):
+    from vllm_dpq.kernels import ENV_BACKEND, select_backend
+
+    monkeypatch.setenv(ENV_BACKEND, "triton")
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run this layer: runs on CUDA GPUs only"):
+        select_backend(_weights(), "cpu")
+
+
+def test_unsupported_reasons():
+    from vllm_dpq.kernels.triton_w4a8 import TritonBackend
+
+    b = TritonBackend()
+    w = _weights()
+    assert "CUDA GPUs only" in b.unsupported(w, torch.device("cpu"))
+    if not torch.cuda.is_available():
+        reason = b.unsupported(w, torch.device("cuda"))
+        assert reason and ("CUDA is not available" in reason or "triton" in reason)
+
+
+def test_imports_without_triton():
+    code = ("import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+            "import torch, vllm_dpq.kernels as k\n"
+            "from vllm_dpq.kernels.triton_w4a8 import TritonBackend, triton_import_error\n"
+            "assert triton_import_error() is not None\n"
+            "from vllm_dpq.numerics import Scheme, quantize_rtn\n"
+            "from vllm_dpq.packing import pack_int4\n"
+            "qw = quantize_rtn(torch.randn(8, 32), Scheme())\n"
+            "w = k.W4A8Weights(pack_int4(qw.q), qw.group_scale, qw.weight_scale, None, 32, 32)\n"
+            "r = TritonBackend().unsupported(w, torch.device('cuda'))\n"
+            "assert 'triton is not importable' in r, r\n"
+            "assert k.select_backend(w, 'cpu').name == 'cpu'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_pick_config_table(monkeypatch):
+    from vllm_dpq.kernels import triton_w4a8 as tw
+
+    monkeypatch.delenv(tw.ENV_CONFIG, raising=False)
+    for m in (1, 7, 16, 17, 64, 65, 300, 4096):
+        for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (6144, 4096), (24, 72)):
+            c = tw.pick_config(m, n, k, 132)
+            assert c.block_k >= 32 and c.block_m >= 16
+            if m > 64:
+                assert c.split_k == 1
+            # split-K workspace stays under a quarter of the INT4 weight bytes
+            assert c.split_k == 1 or c.split_k * m * n * 4 <= n * k / 2 / 4
+    assert tw.pick_config(1, 4096, 4096, 132).split_k > 1  # decode fills the GPU
+    monkeypatch.setenv(tw.ENV_CONFIG, "32,64,128,2,4,3,gather")
+    assert tw.pick_config(1, 64, 64) == tw.TritonConfig(32, 64, 128, 2, 4, 3, unpack="gather")
+    monkeypatch.setenv(tw.ENV_CONFIG, "32,64")
+    with pytest.raises(ValueError, match=tw.ENV_CONFIG):
+        tw.pick_config(1, 64, 64)
+    with pytest.raises(ValueError):
+        tw.TritonConfig(16, 16, 16)
+
+
+def test_prepare_layout_and_validation():
+    from vllm_dpq.kernels.base import W4A8Weights
+    from vllm_dpq.kernels.triton_w4a8 import prepare_weights
+
+    w = _weights(24, 100)
+    st = prepare_weights(w)
+    assert st.qweight.shape == (13, 24) and torch.equal(st.qweight, w.packed.t())
+    assert st.scales.shape == (4, 24) and st.weight_scale.shape == (24,)
+    assert st.weight_scale_padded.shape == (1, 32)
+    bad = W4A8Weights(w.packed[:, :5], w.group_scale, w.weight_scale, None, 100, 32)
+    with pytest.raises(ValueError, match="packed weight"):
+        prepare_weights(bad)
+
+
+# ----------------------------------------------------------------------------- AOT compile
+
+def _aot(kernel, signature, constexprs, cap, num_warps=4, num_stages=3):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK):(\d+)", out)}
+
+
+def _nvidia_aot_available():
+    if _triton_error() is not None:
+        return False
+    import triton
+
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return (bin_dir / "ptxas").exists() and (bin_dir / "cuobjdump").exists()
+
+
+GEMM_SIG = {"xq_ptr": "*fp8e4nv", "sx_ptr": "*fp32", "wq_ptr": "*i32", "sg_ptr": "*bf16", "sw_ptr": "*fp32",
+            "bias_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+            "stride_xm": "i32", "stride_wq": "i32", "stride_sg": "i32", "stride_ym": "i32", "fp8_max": "fp32"}
+
+
+@pytest.mark.skipif(not _nvidia_aot_available(), reason="triton's NVIDIA backend (ptxas, cuobjdump) not available")
+@pytest.mark.parametrize("cap,m", [(90, 1), (90, 4096), (89, 64), (100, 256)])
+def test_aot_compile_for_gpus(cap, m):
+    """The table's configs compile for the real targets, use FP8 MMA, RNE casts, no spills."""
+    from vllm_dpq.kernels import triton_w4a8 as tw
+
+    ks = tw._kernels()
+    cfg = tw.pick_config(m, 4096, 4096, 132)
+    consts = {"GROUP": 32, "PER_CHANNEL": False, "HAS_BIAS": True, "BLOCK_M": cfg.block_m,
+              "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SPLIT_K": cfg.split_k, "GROUP_M": cfg.group_m,
+              "UNPACK": cfg.unpack, "EMULATE_RNE": False}
+    sig = dict(GEMM_SIG, sg_ptr="*fp8e4nv")
+    k = _aot(ks["gemm"], sig, consts, cap, cfg.num_warps, cfg.num_stages)
+    ptx = k.asm["ptx"]
+    # weight tiles: the hardware conversion (Triton 3.6 on sm_89 goes through fp16, exact for
+    # the at most 11-bit products q * s_g)
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx or "cvt.rn.satfinite.e4m3x2.f16x2" in ptx
+    mma = re.findall(r"(wgmma\.mma_async\S*e4m3|mma\.sync\S*e4m3\S*|mma\.sync\S*f16\.f16\S*"
+                     r"|tcgen05\.mma\S*f8f6f4)", ptx)
+    assert mma, "no tensor-core MMA in the PTX"
+    if cap == 90 and cfg.block_m >= 64:
+        assert any(s.startswith("wgmma") for s in mma)
+    usage = _resource_usage(k.asm["cubin"])
+    assert usage.get("STACK", 0) == 0, f"register spills: {usage}"
+
+
+@pytest.mark.skipif(not _nvidia_aot_available(), reason="triton's NVIDIA backend (ptxas, cuobjdump) not available")
+def test_aot_activation_kernel_uses_ieee_division(monkeypatch):
+    from vllm_dpq.kernels import triton_w4a8 as tw
+
+    monkeypatch.delenv(tw.ENV_RNE, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    sig = {"x_ptr": "*bf16", "xq_ptr": "*fp8e4nv", "sx_ptr": "*fp32", "s_in_ptr": "*fp32", "K": "i32",
+           "K_OUT": "i32", "stride_xm": "i32", "stride_qm": "i32", "fp8_max": "fp32"}
+    assert tw.rne_modes() == (True, False)  # default: activations emulated, weights hardware
+    for cap in (89, 90):
+        k = _aot(tw._kernels()["act_quant"], sig, {"STATIC": False, "BLOCK_K": 1024, "EMULATE_RNE": True}, cap)
+        ptx = k.asm["ptx"]
+        assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx" not in ptx
+        assert "e4m3" not in ptx  # the byte is built with integer ops: no conversion to rely on
+        assert _resource_usage(k.asm["cubin"]).get("STACK", 0) == 0
+
+
+if __name__ == "__main__":  # interpreter subprocess: python tests/test_triton_kernel.py CASE
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    torch.set_num_threads(1)
+    print(json.dumps(CASES[sys.argv[1]]()))
