@@ -1,0 +1,174 @@
+"""Offline vLLM throughput, docs/EVAL_PROTOCOL.md: BF16 and DPQ (and any other configuration)
+in one invocation, each run in a fresh process, N runs each; min / median / max and the ratio
+of medians to the first configuration.
+
+Workloads (synthetic token-id prompts from a fixed seed, temperature 0, ignore_eos):
+  decode   32 requests x 64 input tokens x 128 output tokens
+  prefill  16 requests x 512 input tokens x 16 output tokens
+
+    python benchmarks/throughput.py --config bf16=MODEL_DIR --config dpq=CKPT \\
+        [--config dpq-bf16cache=CKPT:VLLM_DPQ_CPU_WEIGHTS=bf16] [--config fp8=MODEL_DIR:quantization=fp8] \\
+        [--runs 3] [--workloads decode,prefill] [--eager]
+
+A configuration is NAME=PATH[:KEY=VALUE,...]: upper-case keys are environment variables,
+lower-case keys are LLM() arguments. Each run also records the model weight memory and the
+KV-cache capacity that vLLM logs. Writes OUT.json, OUT.png and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOADS = {"decode": (32, 64, 128), "prefill": (16, 512, 16)}
+
+RUNNER = r'''
+import json, os, sys, time
+spec = json.loads(sys.argv[1])
+if __name__ == "__main__":
+    import random
+    from vllm import LLM, SamplingParams
+    llm = LLM(spec["path"], max_model_len=1024, seed=0, **spec["args"])
+    vocab = llm.get_tokenizer().vocab_size if not spec["args"].get("skip_tokenizer_init") else 1000
+    out = {}
+    for name, (n, inp, outp) in spec["workloads"].items():
+        rng = random.Random(0)
+        prompts = [{"prompt_token_ids": [rng.randrange(100, vocab - 100) for _ in range(inp)]} for _ in range(n)]
+        params = SamplingParams(temperature=0.0, max_tokens=outp, ignore_eos=True)
+        llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
+        t = time.perf_counter()
+        res = llm.generate(prompts, params, use_tqdm=False)
+        dt = time.perf_counter() - t
+        gen = sum(len(r.outputs[0].token_ids) for r in res)
+        out[name] = {"seconds": dt, "output_tok_s": gen / dt, "total_tok_s": (gen + n * inp) / dt,
+                     "requests_s": n / dt}
+    print("RESULT " + json.dumps(out), flush=True)
+'''
+
+
+def parse_config(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition("=")
+    path, _, opts = rest.partition(":")
+    env, args = {}, {}
+    for kv in filter(None, opts.split(",")):
+        k, _, v = kv.partition("=")
+        if k.isupper():
+            env[k] = v
+        else:
+            try:
+                args[k] = json.loads(v)  # numbers, true/false
+            except ValueError:
+                args[k] = v  # plain strings, e.g. quantization=fp8
+    return name, {"path": os.path.expanduser(path), "env": env, "args": args}
+
+
+def log_figures(log: str) -> dict:
+    """Weight memory and KV-cache capacity as vLLM logs them (formats vary by version)."""
+    out = {}
+    m = re.search(r"Model loading took ([\d.]+) ?GiB", log)
+    if m:
+        out["weights_gib"] = float(m.group(1))
+    m = re.search(r"GPU KV cache size: ([\d,]+) tokens", log) or re.search(r"KV cache size: ([\d,]+) tokens", log)
+    if m:
+        out["kv_cache_tokens"] = int(m.group(1).replace(",", ""))
+    return out
+
+
+def run_once(cfg: dict, workloads: dict, eager: bool, timeout: float) -> dict:
+    spec = {"path": cfg["path"], "args": {**cfg["args"]}, "workloads": workloads}
+    if eager:
+        spec["args"].setdefault("enforce_eager", True)
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            spec["args"].setdefault("gpu_memory_utilization", 0.3)
+    except ImportError:
+        pass
+    env = dict(os.environ, **cfg["env"])
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(RUNNER)
+    try:
+        r = subprocess.run([sys.executable, f.name, json.dumps(spec)], capture_output=True, text=True, env=env,
+                           timeout=timeout)
+    finally:
+        os.unlink(f.name)
+    log = r.stdout + r.stderr
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if r.returncode != 0 or line is None:
+        raise RuntimeError(f"run failed ({r.returncode}):\n{log[-3000:]}")
+    return {**json.loads(line[7:]), **log_figures(log)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", required=True, help="NAME=PATH[:KEY=VALUE,...]; first is the baseline")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--workloads", default="decode,prefill")
+    p.add_argument("--eager", action="store_true", help="enforce_eager (compiled mode is the default)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "throughput")
+    a = p.parse_args()
+    configs = dict(parse_config(c) for c in a.config)
+    workloads = {w: WORKLOADS[w] for w in a.workloads.split(",")}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    results = {"configs": configs, "workloads": workloads, "runs": {}}
+    for i in range(a.runs):  # interleaved, so drift of a noisy machine hits every configuration alike
+        for name, cfg in configs.items():
+            r = run_once(cfg, workloads, a.eager, a.timeout)
+            results["runs"].setdefault(name, []).append(r)
+            print(f"run {i + 1}/{a.runs} {name}: " + ", ".join(f"{w} {r[w]['output_tok_s']:.1f} tok/s" for w in workloads),
+                  flush=True)
+            a.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    base = next(iter(configs))
+    lines = ["| config | workload | output tok/s min / median / max | ratio of medians vs " + base + " | weights GiB | KV tokens |",
+             "|---|---|---|---|---|---|"]
+    summary = {}
+    for name, runs in results["runs"].items():
+        for w in workloads:
+            xs = [r[w]["output_tok_s"] for r in runs]
+            summary[(name, w)] = statistics.median(xs)
+    for name, runs in results["runs"].items():
+        for w in workloads:
+            xs = sorted(r[w]["output_tok_s"] for r in runs)
+            ratio = summary[(name, w)] / summary[(base, w)]
+            lines.append(f"| {name} | {w} | {xs[0]:.1f} / {statistics.median(xs):.1f} / {xs[-1]:.1f} | {ratio:.2f} | "
+                         f"{runs[0].get('weights_gib', '')} | {runs[0].get('kv_cache_tokens', '')} |")
+    table = "\n".join(lines) + "\n"
+    results["table"] = table
+    a.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    a.out.with_suffix(".md").write_text(table)
+    print(table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 3.5))
+        axes = axes if len(workloads) > 1 else [axes]
+        for ax, w in zip(axes, workloads):
+            names = list(results["runs"])
+            meds = [summary[(n, w)] for n in names]
+            lo = [m - min(r[w]["output_tok_s"] for r in results["runs"][n]) for n, m in zip(names, meds)]
+            hi = [max(r[w]["output_tok_s"] for r in results["runs"][n]) - m for n, m in zip(names, meds)]
+            ax.bar(names, meds, yerr=[lo, hi], capsize=4)
+            ax.set_title(f"{w}: output tokens/s (median, min-max)")
+        fig.tight_layout()
+        fig.savefig(a.out.with_suffix(".png"), dpi=110)
+    except ImportError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
