@@ -132,11 +132,20 @@ def main() -> int:
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--work", type=Path, default=ROOT / "results" / "accuracy-ckpts")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "accuracy")
+    p.add_argument("--report-only", action="store_true", help="only render OUT.md / OUT.png from OUT.json")
     a = p.parse_args()
     configs = a.configs.split(",")
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         p.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
+
+    if a.report_only:
+        results = json.loads(a.out.with_suffix(".json").read_text())
+        md = markdown(results, a.groups, configs)
+        a.out.with_suffix(".md").write_text(md)
+        plot(results, a.groups, configs, a.out.with_suffix(".png"))
+        print(md)
+        return 0
 
     from transformers import AutoTokenizer
 

@@ -13,7 +13,7 @@ if [ ! -f "$CKPT/dpq_manifest.json" ]; then
   vllm-dpq quantize "$MODEL" "$CKPT" --data "$DATA" --method dpq --group-size 32 --overwrite
 fi
 vllm-dpq inspect "$CKPT" | head -n 12
-vllm-dpq generate "$CKPT" --max-tokens 64 \
+VLLM_LOGGING_LEVEL=WARNING vllm-dpq generate "$CKPT" --max-tokens 64 \
   --prompt "What is the capital of France?" \
   --prompt "Write a short poem about the sea." \
   --prompt "Explain in two sentences why the sky is blue."
