@@ -4,8 +4,6 @@ folder beside the target, renamed into place only when complete."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -14,7 +12,7 @@ from torch import nn
 
 from calibration.pipeline import CalibrationResult
 from vllm_dpq import __version__
-from vllm_dpq.format import DPQConfig, layer_tensors, write_manifest
+from vllm_dpq.format import DPQConfig, layer_tensors, write_folder_atomically, write_manifest
 
 
 def checkpoint_tensors(model: nn.Module, result: CalibrationResult, config: DPQConfig,
@@ -39,14 +37,9 @@ def checkpoint_tensors(model: nn.Module, result: CalibrationResult, config: DPQC
 
 def save_checkpoint(out: str | os.PathLike, model: nn.Module, tokenizer, result: CalibrationResult,
                     config: DPQConfig, dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> Path:
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
     config.producer = config.producer or {"name": "vllm-dpq", "version": __version__}
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def write(tmp: Path) -> None:
         tensors = checkpoint_tensors(model, result, config, dtype)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf = model.config.to_dict()
@@ -63,10 +56,5 @@ def save_checkpoint(out: str | os.PathLike, model: nn.Module, tokenizer, result:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_manifest(tmp, {name: tuple(layer.qw.shape) for name, layer in result.layers.items()}, config.scheme)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_folder_atomically(Path(out), overwrite, write)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -278,6 +279,26 @@ def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
     if stray:
         raise CheckpointError(f"tensor {stray[0]}: quantized tensor of a layer not in {MANIFEST}")
     return Checkpoint(path, hf_config, config, layers, tensors)
+
+
+def write_folder_atomically(out: Path, overwrite: bool, write) -> Path:
+    """Call write(tmp) on a temporary folder beside out, then rename it into place: an
+    interrupted write never leaves a folder that looks complete."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def file_digest(path: Path) -> str:

@@ -58,6 +58,7 @@ from typing import Any, Mapping
 import torch
 
 from vllm_dpq.format import (
+    write_folder_atomically,
     MANIFEST, CheckpointError, DPQConfig, check_scale, layer_tensors, load_safetensors, read_checkpoint,
     write_manifest,
 )
@@ -458,23 +459,6 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def _write_atomic(out: Path, overwrite: bool, write) -> Path:
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def export_compressed_tensors(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False,
                               exact: bool = False, overwrite: bool = False) -> ExportReport:
     """DPQ checkpoint -> compressed-tensors W4A8-FP8 checkpoint that stock vLLM serves with its
@@ -556,7 +540,7 @@ def export_compressed_tensors(ckpt_dir: str | os.PathLike, out_dir: str | os.Pat
         _copy_side_files(src, tmp)
         (tmp / EXPORT_REPORT).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
 
-    _write_atomic(out, overwrite, write)
+    write_folder_atomically(out, overwrite, write)
     logger.info("%s", report.summary())
     return report
 
@@ -642,7 +626,7 @@ def import_compressed_tensors(ct_dir: str | os.PathLike, out_dir: str | os.PathL
         _copy_side_files(src, tmp)
         write_manifest(tmp, {p: (lay.n, lay.k) for p, lay in layers.items()})
 
-    out = _write_atomic(Path(out_dir), overwrite, write)
+    out = write_folder_atomically(Path(out_dir), overwrite, write)
     read_checkpoint(out)  # validate what was written
     return out
 
