@@ -11,11 +11,13 @@ from vllm_dpq.packing import pack_int4
 ULP = 2.0**-7  # one bf16 ulp, relative: backends round the fp32 GEMM result to bf16 once more
 
 
-def make(n, k, scheme, static, seed=0):
+def make(n, k, scheme, static, seed=0, m=7, dtype=torch.bfloat16):
+    """(quantized weight, x [m, K] with a zero row, static s_x or None, bias, W4A8Weights)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
-    x = (torch.randn(7, k, generator=g) * 2).to(torch.bfloat16)
-    x[1] = 0
+    x = (torch.randn(m, k, generator=g) * 2).to(dtype)
+    if m > 1:
+        x[1] = 0
     qw = quantize_rtn(w, scheme)
     s_x = torch.tensor([x.float().abs().max().item() / scheme.fp8_max]) if static else None
     bias = torch.randn(n, generator=g).to(torch.bfloat16)
@@ -27,7 +29,7 @@ def close(y, ref, bias=None):
     """Within one bf16 ulp of the GEMM result (the bias is added after that rounding)."""
     y, ref = y.float(), ref.float()
     gemm = ref - (bias.float() if bias is not None else 0)
-    return ((y - ref).abs() <= ULP * (ref.abs() + gemm.abs()) + 1e-5).all()
+    return bool(((y - ref).abs() <= ULP * (ref.abs() + gemm.abs()) + 1e-5).all())
 
 
 VARIANTS = [("cpu", "int4"), ("cpu", "fp8"), ("cpu", "bf16"), ("scaled_mm", "int4"), ("triton", "int4")]

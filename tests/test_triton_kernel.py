@@ -41,27 +41,15 @@ ULP = 2.0**-7  # one bf16 ulp, relative (see tests/test_kernels.py)
 # ----------------------------------------------------------------------------- shared helpers
 
 def make(n, k, m, scheme, static, seed=0, dtype=torch.bfloat16):
-    from vllm_dpq.kernels.base import W4A8Weights
-    from vllm_dpq.numerics import quantize_rtn
-    from vllm_dpq.packing import pack_int4
+    from test_kernels import make as make_case
 
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
-    x = (torch.randn(m, k, generator=g) * 2).to(dtype)
-    if m > 1:
-        x[1] = 0
-    qw = quantize_rtn(w, scheme)
-    s_x = torch.tensor([x.float().abs().max().item() / scheme.fp8_max]) if static else None
-    bias = torch.randn(n, generator=g).to(torch.bfloat16)
-    weights = W4A8Weights(pack_int4(qw.q), qw.group_scale, qw.weight_scale, s_x, k, qw.group_size, scheme.fp8_max)
-    return qw, x, s_x, bias, weights
+    return make_case(n, k, scheme, static, seed=seed, m=m, dtype=dtype)
 
 
 def close(y, ref, bias=None):
-    """Within one bf16 ulp of the GEMM result (the bias is added after that rounding)."""
-    y, ref = y.float(), ref.float()
-    gemm = ref - (bias.float() if bias is not None else 0)
-    return bool(((y - ref).abs() <= ULP * (ref.abs() + gemm.abs()) + 1e-5).all())
+    from test_kernels import close as within_one_ulp
+
+    return within_one_ulp(y, ref, bias)
 
 
 def synthetic_weights(n, k, group, scale_dtype, fp8_max=448.0, seed=0):
