@@ -35,7 +35,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ULP = 2.0**-7  # one bf16 ulp, relative (see tests/test_kernels.py)
 
 
 # ----------------------------------------------------------------------------- shared helpers
