@@ -12,7 +12,7 @@ DATA=${DPQ_CALIB_DATA:-examples/data/austen_sensesensibility.txt}
 if [ ! -f "$CKPT/dpq_manifest.json" ]; then
   vllm-dpq quantize "$MODEL" "$CKPT" --data "$DATA" --method dpq --group-size 32 --overwrite
 fi
-vllm-dpq inspect "$CKPT" | head -n 12
+vllm-dpq inspect "$CKPT" | sed -n 1,12p
 VLLM_LOGGING_LEVEL=WARNING vllm-dpq generate "$CKPT" --max-tokens 64 \
   --prompt "What is the capital of France?" \
   --prompt "Write a short poem about the sea." \

@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0
+    except BrokenPipeError:  # e.g. `vllm-dpq inspect CKPT | head`
+        sys.stderr.close()
+        return 0
     except user_errors() as e:
         if os.environ.get("VLLM_DPQ_DEBUG"):
             raise
