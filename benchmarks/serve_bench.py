@@ -6,10 +6,12 @@ tokens/s; with --check it also verifies that every greedy output equals the same
 alone, and that malformed requests get a 4xx while the server stays up. Bounded: N requests,
 --timeout seconds in total.
 
-    python benchmarks/serve_bench.py CKPT --requests 64 --concurrency 64 --check
+    python benchmarks/serve_bench.py bf16=MODEL_DIR dpq=CKPT --requests 64 --concurrency 16 --check
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --model NAME --requests 32
 
-Writes OUT.json and OUT.png and prints a table.
+Several checkpoints are served one after the other, each by a fresh server, with the same load:
+the table gives each one's figures and its tokens/s as a ratio of the first's.
+Writes OUT.json, OUT.md and OUT.png and prints a table.
 """
 
 from __future__ import annotations
@@ -165,29 +167,15 @@ def check_consistency(url: str, model: str, load: dict, max_tokens: int, timeout
     return problems
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", nargs="?", help="start `vllm-dpq serve CHECKPOINT` on 127.0.0.1")
-    p.add_argument("--url", help="use a running server instead (loopback or your own host)")
-    p.add_argument("--model", help="model name on that server (default: its first model)")
-    p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--timeout", type=float, default=600, help="seconds for the whole load, and per request")
-    p.add_argument("--check", action="store_true", help="also check outputs vs one-by-one and 4xx on bad input")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "serve_bench")
-    a = p.parse_args()
-    if not a.url and not a.checkpoint:
-        p.error("give a CHECKPOINT to serve, or --url")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
+def measure(a, checkpoint: str | None, log: Path) -> dict:
+    """Serve one checkpoint (or use --url), load it, optionally check it."""
     proc = None
     url = a.url
     try:
         if not url:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            log = a.out.with_suffix(".server.log")
-            proc = start_server(a.checkpoint, port, log)
+            proc = start_server(checkpoint, port, log)
             wait_healthy(url, proc, 600, log)
         model = a.model
         if not model:
@@ -199,31 +187,87 @@ def main() -> int:
     finally:
         if proc is not None:
             stop_server(proc)
-    a.out.with_suffix(".json").write_text(json.dumps({k: v for k, v in stats.items() if k != "texts"}, indent=1))
-    print(f"| requests | concurrency | ok | tok/s | TTFT p50/p90/p99 s | ITL p50/p90/p99 ms |\n|---|---|---|---|---|---|\n"
-          f"| {stats['requests']} | {stats['concurrency']} | {stats['ok']} | {stats['output_tokens_per_s']:.1f} | "
-          f"{stats['ttft_s']['p50']:.2f} / {stats['ttft_s']['p90']:.2f} / {stats['ttft_s']['p99']:.2f} | "
-          f"{1e3 * stats['itl_s']['p50']:.0f} / {1e3 * stats['itl_s']['p90']:.0f} / {1e3 * stats['itl_s']['p99']:.0f} |")
+    return stats
+
+
+def table(runs: dict[str, dict]) -> str:
+    base = next(iter(runs))
+    lines = [f"| config | requests | concurrency | ok | output tok/s | ratio vs {base} | TTFT p50/p90/p99 s | "
+             "ITL p50/p90/p99 ms |", "|---|---|---|---|---|---|---|---|"]
+    for name, st in runs.items():
+        t, i = st["ttft_s"], st["itl_s"]
+        lines.append(f"| {name} | {st['requests']} | {st['concurrency']} | {st['ok']} | {st['output_tokens_per_s']:.1f} | "
+                     f"{st['output_tokens_per_s'] / runs[base]['output_tokens_per_s']:.2f} | "
+                     f"{t['p50']:.2f} / {t['p90']:.2f} / {t['p99']:.2f} | "
+                     f"{1e3 * i['p50']:.0f} / {1e3 * i['p90']:.0f} / {1e3 * i['p99']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict[str, dict], path: Path) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-        ax[0].bar(["p50", "p90", "p99"], [stats["ttft_s"][k] for k in ("p50", "p90", "p99")])
-        ax[0].set_title("time to first token (s)")
-        ax[1].bar(["p50", "p90", "p99"], [1e3 * stats["itl_s"][k] for k in ("p50", "p90", "p99")])
-        ax[1].set_title("inter-token latency (ms)")
-        fig.suptitle(f"{stats['requests']} requests, {stats['concurrency']} concurrent, "
-                     f"{stats['output_tokens_per_s']:.1f} tok/s")
-        fig.tight_layout()
-        fig.savefig(a.out.with_suffix(".png"), dpi=110)
     except ImportError:
-        pass
-    for e in stats["errors"] + stats.get("problems", []):
-        print("PROBLEM:", e)
-    return 1 if stats["errors"] or stats.get("problems") else 0
+        return
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.5))
+    qs = ("p50", "p90", "p99")
+    width = 0.8 / len(runs)
+    for j, (name, st) in enumerate(runs.items()):
+        xs = [k + j * width for k in range(len(qs))]
+        ax[0].bar(xs, [st["ttft_s"][q] for q in qs], width, label=name)
+        ax[1].bar(xs, [1e3 * st["itl_s"][q] for q in qs], width, label=name)
+    for a_, title in zip(ax[:2], ("time to first token (s)", "inter-token latency (ms)")):
+        a_.set_xticks([k + 0.4 - width / 2 for k in range(len(qs))], qs)
+        a_.set_title(title)
+        a_.legend(fontsize=8)
+    ax[2].bar(list(runs), [st["output_tokens_per_s"] for st in runs.values()])
+    ax[2].set_title("output tokens/s")
+    st = next(iter(runs.values()))
+    fig.suptitle(f"{st['requests']} streamed requests, {st['concurrency']} concurrent, {st['max_tokens']} tokens each")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="*", help="[NAME=]CHECKPOINT to start with `vllm-dpq serve` on 127.0.0.1, "
+                   "one after the other (the first is the baseline of the ratios)")
+    p.add_argument("--url", help="use a running server instead (loopback or your own host)")
+    p.add_argument("--model", help="model name on that server (default: its first model)")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--timeout", type=float, default=600, help="seconds for the whole load, and per request")
+    p.add_argument("--check", action="store_true", help="also check outputs vs one-by-one and 4xx on bad input")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "serve_bench")
+    a = p.parse_args()
+    if bool(a.url) == bool(a.checkpoint):
+        p.error("give CHECKPOINT(s) to serve, or --url (not both)")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    configs = {"server": None} if a.url else {}
+    for c in a.checkpoint:
+        name, sep, path = c.partition("=")
+        name, path = (name, path) if sep and not Path(c).exists() else (Path(c).name, c)
+        configs[name] = os.path.expanduser(path)
+    runs = {}
+    for name, path in configs.items():
+        runs[name] = measure(a, path, a.out.with_name(f"{a.out.name}.{name}.server.log"))
+        print(f"{name}: {runs[name]['ok']}/{a.requests} ok, {runs[name]['output_tokens_per_s']:.1f} tok/s", flush=True)
+    text = table(runs)
+    a.out.with_suffix(".json").write_text(json.dumps(
+        {"configs": configs, "runs": {n: {k: v for k, v in st.items() if k != "texts"} for n, st in runs.items()},
+         "table": text}, indent=1))
+    a.out.with_suffix(".md").write_text(text)
+    print(text)
+    plot(runs, a.out.with_suffix(".png"))
+    bad = 0
+    for name, st in runs.items():
+        for e in st["errors"] + st.get("problems", []):
+            print(f"PROBLEM ({name}):", e)
+            bad += 1
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -11,8 +11,12 @@ Workloads (synthetic token-id prompts from a fixed seed, temperature 0, ignore_e
         [--runs 3] [--workloads decode,prefill] [--eager]
 
 A configuration is NAME=PATH[:KEY=VALUE,...]: upper-case keys are environment variables,
-lower-case keys are LLM() arguments. Each run also records the model weight memory and the
-KV-cache capacity that vLLM logs. Writes OUT.json, OUT.png and prints a table.
+lower-case keys are LLM() arguments. Each run also records the resident weight memory (every
+tensor the loaded model holds, vllm_dpq.memory.resident_bytes, the same count for every
+configuration; vLLM's own "Model loading took" figure too where it logs one, on GPU) and the
+KV-cache capacity that vLLM logs. A configuration this vLLM cannot run (say `quantization=fp8`
+on a CPU without FP8 support) is reported as failed, with vLLM's error, and the others go on.
+Writes OUT.json, OUT.png and prints a table.
 """
 
 from __future__ import annotations
@@ -37,6 +41,13 @@ if __name__ == "__main__":
     import random
     from vllm import LLM, SamplingParams
     llm = LLM(spec["path"], max_model_len=1024, seed=0, **spec["args"])
+    try:  # resident weight bytes, counted the same way for every configuration
+        from vllm_dpq.memory import resident_bytes
+        per_rank = llm.apply_model(resident_bytes)
+        weights_gib = sum(sum(r.values()) for r in per_rank) / 2**30
+    except Exception as e:  # an older vLLM without apply_model, say
+        print(f"resident weight memory not measured: {e!r}", file=sys.stderr)
+        weights_gib = None
     vocab = llm.get_tokenizer().vocab_size if not spec["args"].get("skip_tokenizer_init") else 1000
     out = {}
     for name, (n, inp, outp) in spec["workloads"].items():
@@ -50,6 +61,7 @@ if __name__ == "__main__":
         gen = sum(len(r.outputs[0].token_ids) for r in res)
         out[name] = {"seconds": dt, "output_tok_s": gen / dt, "total_tok_s": (gen + n * inp) / dt,
                      "requests_s": n / dt}
+    out["resident_weights_gib"] = weights_gib
     print("RESULT " + json.dumps(out), flush=True)
 '''
 
@@ -75,7 +87,7 @@ def log_figures(log: str) -> dict:
     out = {}
     m = re.search(r"Model loading took ([\d.]+) ?GiB", log)
     if m:
-        out["weights_gib"] = float(m.group(1))
+        out["vllm_weights_gib"] = float(m.group(1))
     m = re.search(r"GPU KV cache size: ([\d,]+) tokens", log) or re.search(r"KV cache size: ([\d,]+) tokens", log)
     if m:
         out["kv_cache_tokens"] = int(m.group(1).replace(",", ""))
@@ -95,6 +107,7 @@ def run_once(cfg: dict, workloads: dict, eager: bool, timeout: float) -> dict:
         pass
     env = dict(os.environ, **cfg["env"])
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model(resident_bytes), local only
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(RUNNER)
     try:
@@ -105,8 +118,14 @@ def run_once(cfg: dict, workloads: dict, eager: bool, timeout: float) -> dict:
     log = r.stdout + r.stderr
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:
-        raise RuntimeError(f"run failed ({r.returncode}):\n{log[-3000:]}")
+        errors = [ln.strip() for ln in log.splitlines() if re.search(r"(Error|Exception|not supported)\b", ln)]
+        print(f"run failed (rc {r.returncode}):\n{log[-3000:]}", file=sys.stderr)
+        return {"error": errors[-1][:200] if errors else f"exit code {r.returncode}"}
     return {**json.loads(line[7:]), **log_figures(log)}
+
+
+def _fmt(x) -> str:
+    return "" if x is None else f"{x:.3f}"
 
 
 def main() -> int:
@@ -124,14 +143,24 @@ def main() -> int:
     results = {"configs": configs, "workloads": workloads, "runs": {}}
     for i in range(a.runs):  # interleaved, so drift of a noisy machine hits every configuration alike
         for name, cfg in configs.items():
+            if any("error" in r for r in results["runs"].get(name, [])):
+                continue  # it failed once: it will fail again
             r = run_once(cfg, workloads, a.eager, a.timeout)
             results["runs"].setdefault(name, []).append(r)
+            if "error" in r:
+                print(f"run {i + 1}/{a.runs} {name}: FAILED: {r['error']}", flush=True)
+                continue
             print(f"run {i + 1}/{a.runs} {name}: " + ", ".join(f"{w} {r[w]['output_tok_s']:.1f} tok/s" for w in workloads),
                   flush=True)
             a.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     base = next(iter(configs))
-    lines = ["| config | workload | output tok/s min / median / max | ratio of medians vs " + base + " | weights GiB | KV tokens |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| config | workload | output tok/s min / median / max | ratio of medians vs " + base +
+             " | resident weights GiB | KV tokens |", "|---|---|---|---|---|---|"]
+    failed = {n: runs[0]["error"] for n, runs in results["runs"].items() if "error" in runs[0]}
+    results["runs"] = {n: runs for n, runs in results["runs"].items() if n not in failed}
+    if base in failed:
+        print(f"the baseline {base} failed: {failed[base]}", file=sys.stderr)
+        return 1
     summary = {}
     for name, runs in results["runs"].items():
         for w in workloads:
@@ -142,7 +171,10 @@ def main() -> int:
             xs = sorted(r[w]["output_tok_s"] for r in runs)
             ratio = summary[(name, w)] / summary[(base, w)]
             lines.append(f"| {name} | {w} | {xs[0]:.1f} / {statistics.median(xs):.1f} / {xs[-1]:.1f} | {ratio:.2f} | "
-                         f"{runs[0].get('weights_gib', '')} | {runs[0].get('kv_cache_tokens', '')} |")
+                         f"{_fmt(runs[0].get('resident_weights_gib'))} | {runs[0].get('kv_cache_tokens', '')} |")
+    for name, err in failed.items():
+        lines.append(f"| {name} | all | failed: {err.replace('|', '/')} | | | |")
+    results["failed"] = failed
     table = "\n".join(lines) + "\n"
     results["table"] = table
     a.out.with_suffix(".json").write_text(json.dumps(results, indent=1))

@@ -104,3 +104,23 @@ def test_kernels_import_without_vllm():
     code = ("import sys; sys.modules['vllm'] = None\n"
             "import vllm_dpq, vllm_dpq.kernels, vllm_dpq.numerics, vllm_dpq.format, vllm_dpq.reference\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_resident_bytes_counts_attributes_once():
+    from dataclasses import dataclass
+
+    from vllm_dpq.memory import resident_bytes
+
+    @dataclass
+    class State:
+        cache: torch.Tensor
+        scale: torch.Tensor
+
+    lin = torch.nn.Linear(8, 4, bias=False)  # 32 fp32 = 128 B
+    emb = torch.nn.Embedding(4, 8)
+    emb.weight = lin.weight  # tied: counted once
+    lin.register_buffer("buf", torch.zeros(3, dtype=torch.int32))  # 12 B
+    lin._dpq_state = State(torch.zeros(4, 8, dtype=torch.bfloat16), torch.ones(1))  # 64 + 4 B
+    lin.view = lin._dpq_state.cache[:2]  # a view of a counted storage: 0 B
+    model = torch.nn.Sequential(lin, emb)
+    assert resident_bytes(model) == {"cpu": 128 + 12 + 64 + 4}
