@@ -122,5 +122,6 @@ def test_resident_bytes_counts_attributes_once():
     lin.register_buffer("buf", torch.zeros(3, dtype=torch.int32))  # 12 B
     lin._dpq_state = State(torch.zeros(4, 8, dtype=torch.bfloat16), torch.ones(1))  # 64 + 4 B
     lin.view = lin._dpq_state.cache[:2]  # a view of a counted storage: 0 B
+    lin.kv_cache = [torch.zeros(1000)]  # vLLM's KV-cache blocks are not weights: 0 B
     model = torch.nn.Sequential(lin, emb)
     assert resident_bytes(model) == {"cpu": 128 + 12 + 64 + 4}

@@ -100,7 +100,10 @@ def run_vllm(path: str, eager: bool = True) -> dict:
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     logprobs = [[lp[t].logprob for t, lp in zip(toks, o.outputs[0].logprobs)] for toks, o in zip(tokens, outs)]
-    return {"tokens": tokens, "logprobs": logprobs}
+    from vllm_dpq.memory import resident_bytes
+
+    resident = sum(sum(r.values()) for r in llm.apply_model(resident_bytes))
+    return {"tokens": tokens, "logprobs": logprobs, "resident_bytes": resident}
 
 
 def reference_logprobs(path: Path, tokens: list[list[int]]) -> list[torch.Tensor]:
@@ -122,7 +125,9 @@ def reference_logprobs(path: Path, tokens: list[list[int]]) -> list[torch.Tensor
 def test_vllm_serves_dpq_checkpoint(tmp_path, scheme_name):
     pytest.importorskip("vllm")
     ckpt = make_checkpoint(tmp_path / "ckpt", **SCHEMES[scheme_name])
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_DPQ_BACKEND": "cpu"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_DPQ_BACKEND": "cpu",
+           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # apply_model(resident_bytes); local only
+    env.pop("VLLM_DPQ_CPU_WEIGHTS", None)  # the default: INT4 codes resident
     env.pop("VLLM_PLUGINS", None)  # an allow-list without "dpq" would skip the plugin silently
     proc = subprocess.run([sys.executable, __file__, str(ckpt)], env=env, capture_output=True, text=True,
                           timeout=600)
@@ -142,6 +147,15 @@ def test_vllm_serves_dpq_checkpoint(tmp_path, scheme_name):
     print(summary)
     assert max(gaps) < 0.5, f"vLLM chose a token far below the reference argmax: {summary}"
     assert sum(diffs) / len(diffs) < 0.2 and max(diffs) < 1.0, f"logprobs differ from the reference: {summary}"
+
+    # what vLLM holds is what the checkpoint stores (INT4 codes + scales; bf16 for the rest) plus
+    # vLLM's rotary cos/sin cache; an FP8 copy of the quantized weights would add 327,680 bytes
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        stored = sum(f.get_tensor(k).nbytes for k in f.keys())
+    rotary = 256 * 32 * 4  # max positions x head dim x fp32
+    assert stored <= result["resident_bytes"] <= stored + rotary, (result["resident_bytes"], stored)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ vLLM logs "Model loading took X GiB" on GPU only. This walks a module tree and s
 distinct tensor storage it holds: parameters, buffers, and tensors kept as plain attributes
 (backends such as ours keep their prepared weights in attributes, e.g. a bf16 cache of the
 FP8 values), looking one level into tuples, lists, dicts and dataclasses. Storages shared by
-several modules (tied embeddings) are counted once.
+several modules (tied embeddings) are counted once; KV-cache tensors that vLLM attaches to its
+attention layers (attributes named `kv_cache`) are not weights and are left out.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def resident_bytes(model: nn.Module) -> dict[str, int]:
     seen: set[tuple[str, int]] = set()
     total: dict[str, int] = {}
     for mod in model.modules():
-        for value in vars(mod).values():  # includes the _parameters and _buffers dicts
+        for name, value in vars(mod).items():  # includes the _parameters and _buffers dicts
+            if "kv_cache" in name:  # vLLM's attention layers hold their KV-cache blocks
+                continue
             for t in _tensors(value):
                 if t.is_meta:
                     continue
