@@ -212,6 +212,33 @@ def test_compressed_tensors_decompresses_export_exactly(plain_ckpt, folded_ckpt,
                 assert (decompressed.float() - ours).abs().max() <= 2**-8 * ours.abs().max()
 
 
+@pytest.mark.parametrize("group", [32, 128])
+def test_w4a16_export_decompresses_to_our_w4a16_weight(tmp_path, group):
+    """The W4A16 preset: any group size, no input activations in the config; compressed-tensors'
+    own decompression gives exactly bf16(s_w * q * s_g) (s_w a power of two: S is exact)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from conftest import make_checkpoint
+
+    src_dir, _ = make_checkpoint(tmp_path / "dpq", method="rtn", group_size=group)
+    out = tmp_path / "ct"
+    report = ct.export_compressed_tensors(src_dir, out, w4a16=True)
+    assert report.exact and report.preset == "W4A16" and "W4A16" in report.summary()
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc == ct.compressed_tensors_config(["lm_head"], group, preset="W4A16")
+    (grp,) = qc["config_groups"].values()
+    assert grp["input_activations"] is None and grp["weights"]["group_size"] == group
+    assert grp["weights"]["num_bits"] == 4 and grp["weights"]["symmetric"]
+    model = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True),
+                                                 dtype=torch.bfloat16)
+    src = read_checkpoint(src_dir)
+    for p, (n, k) in src.layers.items():
+        qw = src.quantized(p)
+        ours = qw.weight_scale.reshape(-1, 1) * qw.q.float() * expand_groups(qw.group_scale.float(), k, group)
+        assert torch.equal(model.get_submodule(p).weight.data, ours.to(torch.bfloat16)), p
+
+
 def test_vllm_parser_detects_w4a8_fp8(folded_ckpt, tmp_path):
     pytest.importorskip("vllm")
     from vllm.model_executor.kernels.linear import MPLinearLayerConfig

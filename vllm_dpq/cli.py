@@ -78,7 +78,7 @@ def cmd_export(args) -> int:
     from vllm_dpq.interop.compressed_tensors import export_compressed_tensors
 
     report = export_compressed_tensors(args.checkpoint, args.output, force=args.force, exact=args.exact,
-                                       overwrite=args.overwrite)
+                                       overwrite=args.overwrite, w4a16=args.w4a16)
     for note in report.notes:
         print(f"note: {note}")
     print(report.summary())
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=("compressed-tensors",), default="compressed-tensors")
     x.add_argument("--force", action="store_true", help="export static-activation / fp8_max != 448 checkpoints anyway")
     x.add_argument("--exact", action="store_true", help="fail unless stock vLLM computes our weights bit for bit")
+    x.add_argument("--w4a16", action="store_true",
+                   help="write the W4A16 preset instead (INT4 weights, bf16 activations, no FP8): for comparisons")
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(fn=cmd_export)
 

@@ -332,17 +332,21 @@ def dpq_config_from_compressed_tensors(cfg: Mapping[str, Any]) -> DPQConfig:
     )
 
 
-def compressed_tensors_config(ignore: list[str], group_size: int = CUTLASS_GROUP) -> dict[str, Any]:
-    """config.json ``quantization_config`` exactly as llm-compressor writes the W4AFP8 preset
-    saved pack-quantized (built and serialised by compressed-tensors itself)."""
+def compressed_tensors_config(ignore: list[str], group_size: int = CUTLASS_GROUP, preset: str = "W4AFP8"
+                              ) -> dict[str, Any]:
+    """config.json ``quantization_config`` exactly as llm-compressor writes the W4AFP8 (or W4A16)
+    preset saved pack-quantized (built and serialised by compressed-tensors itself)."""
     import compressed_tensors
     from compressed_tensors.base import (
         COMPRESSION_VERSION_NAME, QUANTIZATION_METHOD_NAME, SPARSITY_CONFIG_NAME, TRANSFORM_CONFIG_NAME,
     )
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, preset_name_to_scheme
 
-    scheme = preset_name_to_scheme("W4AFP8", ["Linear"])
-    scheme.weights.group_size = group_size
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    if group_size == -1:
+        scheme.weights.strategy, scheme.weights.group_size = "channel", None
+    else:
+        scheme.weights.group_size = group_size
     scheme.weights.observer = "memoryless_minmax"  # what the preset resolves to when applied
     scheme.format = CT_FORMAT
     qc = QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(ignore), format=CT_FORMAT,
@@ -377,10 +381,14 @@ class ExportReport:
     exact: bool
     layers: dict[str, LayerReport] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    preset: str = "W4AFP8"
 
     def summary(self) -> str:
         n = len(self.layers)
         inexact = [k for k, v in self.layers.items() if not v.exact]
+        if self.preset == "W4A16":
+            return (f"{n} layers exported as W4A16 (no FP8 rounding); bf16(q * s_w * s_g) exact in "
+                    f"{n - len(inexact)} of {n} layers")
         if not inexact:
             return f"{n} layers exported; stock vLLM computes our effective weights bit for bit"
         worst = max(inexact, key=lambda k: self.layers[k].rel_err)
@@ -460,7 +468,7 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 
 
 def export_compressed_tensors(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False,
-                              exact: bool = False, overwrite: bool = False) -> ExportReport:
+                              exact: bool = False, overwrite: bool = False, w4a16: bool = False) -> ExportReport:
     """DPQ checkpoint -> compressed-tensors W4A8-FP8 checkpoint that stock vLLM serves with its
     own ``CompressedTensorsW4A8Fp8`` scheme (Hopper), no plugin needed.
 
@@ -470,10 +478,17 @@ def export_compressed_tensors(ckpt_dir: str | os.PathLike, out_dir: str | os.Pat
     only: the input scales are dropped) and fp8_max != 448 (stock vLLM uses e4m3fn's 448).
     ``exact``: refuse unless stock vLLM computes our effective weights bit for bit (true for
     checkpoints calibrated with the folded variant, ``FoldedChain``).
+
+    ``w4a16``: write the W4A16 preset instead (same INT4 codes, bf16 scales S = s_w * s_g, no
+    FP8 anywhere: weights ``bf16(q * S)``, bf16 activations), which stock vLLM serves with its
+    int4 weight-only kernels (CPU included) at any group size: a different model from the DPQ
+    W4A8 one (the FP8 rounding the codes were calibrated for is skipped), for comparisons.
     """
     src, out = Path(ckpt_dir), Path(out_dir)
     ckpt = read_checkpoint(src)
     scheme = ckpt.config.scheme
+    if w4a16:
+        return _export_w4a16(src, out, ckpt, overwrite)
     problems = []
     if scheme.group_size != CUTLASS_GROUP:
         problems.append(f"group size {scheme.group_size} (stock vLLM's W4A8 kernel needs {CUTLASS_GROUP})")
@@ -542,6 +557,52 @@ def export_compressed_tensors(ckpt_dir: str | os.PathLike, out_dir: str | os.Pat
 
     write_folder_atomically(out, overwrite, write)
     logger.info("%s", report.summary())
+    return report
+
+
+def _export_w4a16(src: Path, out: Path, ckpt, overwrite: bool) -> ExportReport:
+    scheme = ckpt.config.scheme
+    linears = _linear_names(ckpt.hf_config)
+    problems = _merged_partially_quantized(set(ckpt.layers), linears) if linears is not None else []
+    if problems:
+        raise InteropError(f"{src}: cannot export to compressed-tensors W4A16: " + "; ".join(problems))
+    report = ExportReport(source=str(src), output=str(out), exact=True, preset="W4A16",
+                          notes=["W4A16: weights bf16(q * s_w * s_g), no FP8 rounding, bf16 activations"])
+    tensors = dict(ckpt.unquantized_tensors())
+    for prefix, (n, k) in sorted(ckpt.layers.items()):
+        qw = ckpt.quantized(prefix)
+        s_bf16 = export_group_scales(qw.weight_scale, qw.group_scale)
+        try:
+            check_scale(f"{prefix}.{CT_SCALE}", s_bf16)
+        except CheckpointError as e:
+            raise InteropError(f"{e} after conversion to bf16 S = s_w * s_g") from None
+        ours = (qw.weight_scale.double().reshape(-1, 1) * qw.q.double()
+                * expand_groups(qw.group_scale.double(), k, scheme.group(k)))
+        stock = w4a16_weight(qw.q, s_bf16, scheme.group(k)).double()
+        diff = (stock - ours).abs()
+        lr = LayerReport(shape=(n, k), exact=bool(torch.equal(stock, ours.to(torch.bfloat16).double())),
+                         rows_refolded=0, mismatched=int((stock != ours.to(torch.bfloat16).double()).sum()),
+                         max_abs_err=float(diff.max()), rel_err=float(diff.norm() / ours.norm().clamp(min=1e-30)),
+                         scales_exact=bool((s_bf16.double() == qw.group_scale.double()
+                                            * qw.weight_scale.double().reshape(-1, 1)).all()))
+        report.layers[prefix] = lr
+        report.exact &= lr.exact
+        tensors[f"{prefix}.{CT_PACKED}"] = ckpt.tensors[f"{prefix}.weight_packed"].contiguous()
+        tensors[f"{prefix}.{CT_SCALE}"] = s_bf16.contiguous()
+        tensors[f"{prefix}.{CT_SHAPE}"] = torch.tensor([n, k], dtype=torch.int64)
+    ignore = sorted(set(linears) - set(ckpt.layers)) if linears is not None else sorted(set(ckpt.config.ignore) | {"lm_head"})
+
+    def write(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(dict(sorted(tensors.items())), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf = dict(ckpt.hf_config)
+        hf["quantization_config"] = compressed_tensors_config(ignore, scheme.group_size, preset="W4A16")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        _copy_side_files(src, tmp)
+        (tmp / EXPORT_REPORT).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+
+    write_folder_atomically(out, overwrite, write)
     return report
 
 
