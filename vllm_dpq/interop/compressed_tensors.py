@@ -487,12 +487,12 @@ def export_compressed_tensors(ckpt_dir: str | os.PathLike, out_dir: str | os.Pat
     src, out = Path(ckpt_dir), Path(out_dir)
     ckpt = read_checkpoint(src)
     scheme = ckpt.config.scheme
-    if w4a16:
-        return _export_w4a16(src, out, ckpt, overwrite)
+    target = "W4A16" if w4a16 else "W4A8-FP8 for stock vLLM"
     problems = []
-    if scheme.group_size != CUTLASS_GROUP:
-        problems.append(f"group size {scheme.group_size} (stock vLLM's W4A8 kernel needs {CUTLASS_GROUP})")
-    problems += check_cutlass_shapes(ckpt.layers)
+    if not w4a16:
+        if scheme.group_size != CUTLASS_GROUP:
+            problems.append(f"group size {scheme.group_size} (stock vLLM's W4A8 kernel needs {CUTLASS_GROUP})")
+        problems += check_cutlass_shapes(ckpt.layers)
     linears = _linear_names(ckpt.hf_config)
     if linears is not None:
         missing = sorted(set(ckpt.layers) - set(linears))
@@ -500,19 +500,21 @@ def export_compressed_tensors(ckpt_dir: str | os.PathLike, out_dir: str | os.Pat
             problems.append(f"{missing[0]} is not an nn.Linear of the {ckpt.hf_config.get('model_type')} model")
         problems += _merged_partially_quantized(set(ckpt.layers), linears)
     if problems:
-        raise InteropError(f"{src}: cannot export to compressed-tensors W4A8-FP8 for stock vLLM: "
-                           + "; ".join(problems))
+        raise InteropError(f"{src}: cannot export to compressed-tensors {target}: " + "; ".join(problems))
     forced = []
-    if scheme.activation_scheme == "static":
+    if scheme.activation_scheme == "static" and not w4a16:
         forced.append("static activation scales (stock vLLM quantizes activations dynamically per token; "
                       "the input scales are dropped)")
-    if scheme.fp8_max != FP8_E4M3_MAX:
+    if scheme.fp8_max != FP8_E4M3_MAX and not w4a16:
         forced.append(f"fp8_max {scheme.fp8_max:g} (stock vLLM uses {FP8_E4M3_MAX:g})")
     if forced and not force:
         raise InteropError(f"{src}: numerics stock vLLM cannot reproduce: " + "; ".join(forced)
                            + ". Pass force=True (--force) to export anyway.")
 
-    report = ExportReport(source=str(src), output=str(out), exact=True, notes=[f"forced: {f}" for f in forced])
+    report = ExportReport(source=str(src), output=str(out), exact=True, notes=[f"forced: {f}" for f in forced],
+                          preset="W4A16" if w4a16 else "W4AFP8")
+    if w4a16:
+        report.notes.append("W4A16: weights bf16(q * s_w * s_g), no FP8 rounding, bf16 activations")
     tensors = dict(ckpt.unquantized_tensors())
     for prefix, (n, k) in sorted(ckpt.layers.items()):
         qw = ckpt.quantized(prefix)
@@ -522,15 +524,19 @@ def export_compressed_tensors(ckpt_dir: str | os.PathLike, out_dir: str | os.Pat
         except CheckpointError as e:
             raise InteropError(f"{e} after conversion to bf16 S = s_w * s_g") from None
         product = qw.group_scale.double() * qw.weight_scale.double().reshape(-1, 1)  # exact in float64
-        scales_exact = bool((s_bf16.double() == product).all())
-        ours = qw.dequantize(scheme.fp8_max)
-        stock = folded_effective_weight(qw.q, s_bf16, CUTLASS_GROUP)
-        diff = (stock - ours).abs()
+        if w4a16:  # ours: bf16(s_w * q * s_g); stock: bf16(q * S)
+            ours = (product.float().repeat_interleave(scheme.group(k), dim=1)[:, :k] * qw.q.float()).to(torch.bfloat16)
+            stock, refolded = w4a16_weight(qw.q, s_bf16, scheme.group(k)), 0
+        else:  # ours: W_eff; stock: the fold of S, then the FP8 lookup
+            ours = qw.dequantize(scheme.fp8_max)
+            stock = folded_effective_weight(qw.q, s_bf16, CUTLASS_GROUP)
+            refolded = int((~fold_fixed_point(qw.weight_scale, qw.group_scale)).sum())
+        diff = (stock.float() - ours.float()).abs()
         lr = LayerReport(
-            shape=(n, k), exact=bool(torch.equal(stock, ours)),
-            rows_refolded=int((~fold_fixed_point(qw.weight_scale, qw.group_scale)).sum()),
+            shape=(n, k), exact=bool(torch.equal(stock, ours)), rows_refolded=refolded,
             mismatched=int((diff > 0).sum()), max_abs_err=float(diff.max()),
-            rel_err=float(diff.norm() / ours.norm().clamp(min=1e-30)), scales_exact=scales_exact,
+            rel_err=float(diff.norm() / ours.float().norm().clamp(min=1e-30)),
+            scales_exact=bool((s_bf16.double() == product).all()),
         )
         report.layers[prefix] = lr
         report.exact &= lr.exact
@@ -544,65 +550,21 @@ def export_compressed_tensors(ckpt_dir: str | os.PathLike, out_dir: str | os.Pat
     else:
         ignore = sorted(set(ckpt.config.ignore) | {"lm_head"})
         report.notes.append("ignore list copied from the DPQ config (model not buildable on the meta device)")
+    qconfig = (compressed_tensors_config(ignore, scheme.group_size, preset="W4A16") if w4a16
+               else compressed_tensors_config(ignore))
 
     def write(tmp: Path) -> None:
         from safetensors.torch import save_file
 
         save_file(dict(sorted(tensors.items())), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf = dict(ckpt.hf_config)
-        hf["quantization_config"] = compressed_tensors_config(ignore)
+        hf["quantization_config"] = qconfig
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
         _copy_side_files(src, tmp)
         (tmp / EXPORT_REPORT).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
 
     write_folder_atomically(out, overwrite, write)
     logger.info("%s", report.summary())
-    return report
-
-
-def _export_w4a16(src: Path, out: Path, ckpt, overwrite: bool) -> ExportReport:
-    scheme = ckpt.config.scheme
-    linears = _linear_names(ckpt.hf_config)
-    problems = _merged_partially_quantized(set(ckpt.layers), linears) if linears is not None else []
-    if problems:
-        raise InteropError(f"{src}: cannot export to compressed-tensors W4A16: " + "; ".join(problems))
-    report = ExportReport(source=str(src), output=str(out), exact=True, preset="W4A16",
-                          notes=["W4A16: weights bf16(q * s_w * s_g), no FP8 rounding, bf16 activations"])
-    tensors = dict(ckpt.unquantized_tensors())
-    for prefix, (n, k) in sorted(ckpt.layers.items()):
-        qw = ckpt.quantized(prefix)
-        s_bf16 = export_group_scales(qw.weight_scale, qw.group_scale)
-        try:
-            check_scale(f"{prefix}.{CT_SCALE}", s_bf16)
-        except CheckpointError as e:
-            raise InteropError(f"{e} after conversion to bf16 S = s_w * s_g") from None
-        ours = (qw.weight_scale.double().reshape(-1, 1) * qw.q.double()
-                * expand_groups(qw.group_scale.double(), k, scheme.group(k)))
-        stock = w4a16_weight(qw.q, s_bf16, scheme.group(k)).double()
-        diff = (stock - ours).abs()
-        lr = LayerReport(shape=(n, k), exact=bool(torch.equal(stock, ours.to(torch.bfloat16).double())),
-                         rows_refolded=0, mismatched=int((stock != ours.to(torch.bfloat16).double()).sum()),
-                         max_abs_err=float(diff.max()), rel_err=float(diff.norm() / ours.norm().clamp(min=1e-30)),
-                         scales_exact=bool((s_bf16.double() == qw.group_scale.double()
-                                            * qw.weight_scale.double().reshape(-1, 1)).all()))
-        report.layers[prefix] = lr
-        report.exact &= lr.exact
-        tensors[f"{prefix}.{CT_PACKED}"] = ckpt.tensors[f"{prefix}.weight_packed"].contiguous()
-        tensors[f"{prefix}.{CT_SCALE}"] = s_bf16.contiguous()
-        tensors[f"{prefix}.{CT_SHAPE}"] = torch.tensor([n, k], dtype=torch.int64)
-    ignore = sorted(set(linears) - set(ckpt.layers)) if linears is not None else sorted(set(ckpt.config.ignore) | {"lm_head"})
-
-    def write(tmp: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file(dict(sorted(tensors.items())), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf = dict(ckpt.hf_config)
-        hf["quantization_config"] = compressed_tensors_config(ignore, scheme.group_size, preset="W4A16")
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-        _copy_side_files(src, tmp)
-        (tmp / EXPORT_REPORT).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-
-    write_folder_atomically(out, overwrite, write)
     return report
 
 
