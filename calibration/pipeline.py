@@ -170,7 +170,8 @@ def calibrate(model: nn.Module, samples: torch.Tensor, recipe: Recipe, ignore: l
         if state is not None:
             state.commit(i, {n: result.layers[n] for n in result.layers.keys() - before}, result.layer_errors,
                          inputs.hidden)
-        bar.set_postfix(err=f"{err:.4f}")
-        logger.info("layer %d: relative output error %.5f", i, err)
+        if err == err:  # rtn measures no layer error (nan)
+            bar.set_postfix(err=f"{err:.4f}")
+            logger.info("layer %d: relative output error %.5f", i, err)
     result.seconds = time.perf_counter() - t0
     return result
