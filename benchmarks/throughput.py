@@ -8,7 +8,7 @@ Workloads (synthetic token-id prompts from a fixed seed, temperature 0, ignore_e
 
     python benchmarks/throughput.py --config bf16=MODEL_DIR --config dpq=CKPT \\
         [--config dpq-bf16cache=CKPT:VLLM_DPQ_CPU_WEIGHTS=bf16] [--config fp8=MODEL_DIR:quantization=fp8] \\
-        [--runs 3] [--workloads decode,prefill] [--eager]
+        [--runs 3] [--workloads decode,prefill] [--eager] [--memory-only]
 
 A configuration is NAME=PATH[:KEY=VALUE,...]: upper-case keys are environment variables,
 lower-case keys are LLM() arguments. Each run also records the resident weight memory (every
@@ -118,10 +118,33 @@ def run_once(cfg: dict, workloads: dict, eager: bool, timeout: float) -> dict:
     log = r.stdout + r.stderr
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:
-        errors = [ln.strip() for ln in log.splitlines() if re.search(r"(Error|Exception|not supported)\b", ln)]
-        print(f"run failed (rc {r.returncode}):\n{log[-3000:]}", file=sys.stderr)
-        return {"error": errors[-1][:200] if errors else f"exit code {r.returncode}"}
+        # the root cause is the first exception line (vLLM's engine re-raises it generically later)
+        errors = [ln.strip() for ln in log.splitlines()
+                  if re.match(r"\s*(\(\w+ pid=\d+\)\s*)?[\w.]*(Error|Exception)\b", ln) or "not supported" in ln]
+        print(f"run failed (rc {r.returncode}):\n{log[-8000:]}", file=sys.stderr)
+        return {"error": errors[0][:300] if errors else f"exit code {r.returncode}"}
     return {**json.loads(line[7:]), **log_figures(log)}
+
+
+def memory_only(configs: dict, a) -> int:
+    out = a.out.with_name(a.out.name + "-memory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows, results = [], {}
+    base = None
+    for name, cfg in configs.items():
+        r = results[name] = run_once(cfg, {}, a.eager, a.timeout)
+        gib = r.get("resident_weights_gib")
+        if base is None and gib:
+            base = (name, gib)
+        ratio = f"{gib / base[1]:.2f}" if gib and base else ""
+        rows.append(f"| {name} | {r['error'] if 'error' in r else _fmt(gib)} | {ratio} | {r.get('kv_cache_tokens', '')} |")
+        print(rows[-1], flush=True)
+    table = (f"| config | resident weights GiB | ratio vs {base[0] if base else 'first'} | KV tokens |\n"
+             "|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"configs": configs, "runs": results, "table": table}, indent=1))
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    return 0
 
 
 def _fmt(x) -> str:
@@ -136,8 +159,12 @@ def main() -> int:
     p.add_argument("--eager", action="store_true", help="enforce_eager (compiled mode is the default)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "throughput")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only load each configuration once: resident weight memory and KV-cache capacity")
     a = p.parse_args()
     configs = dict(parse_config(c) for c in a.config)
+    if a.memory_only:
+        return memory_only(configs, a)
     workloads = {w: WORKLOADS[w] for w in a.workloads.split(",")}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     results = {"configs": configs, "workloads": workloads, "runs": {}}

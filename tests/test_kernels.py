@@ -125,3 +125,14 @@ def test_resident_bytes_counts_attributes_once():
     lin.kv_cache = [torch.zeros(1000)]  # vLLM's KV-cache blocks are not weights: 0 B
     model = torch.nn.Sequential(lin, emb)
     assert resident_bytes(model) == {"cpu": 128 + 12 + 64 + 4}
+
+
+def test_resident_bytes_counts_weights_held_by_an_opaque_cpu_kernel():
+    """vLLM-CPU's unquantized Linear: weight emptied, a packed copy behind `cpu_linear`."""
+    from vllm_dpq.memory import resident_bytes
+
+    lin = torch.nn.Linear(8, 4, bias=False, dtype=torch.bfloat16)
+    lin.weight = torch.nn.Parameter(torch.empty(0, dtype=torch.bfloat16), requires_grad=False)
+    lin.output_size_per_partition, lin.input_size_per_partition = 4, 8
+    lin.cpu_linear = lambda x, weight, bias: x
+    assert resident_bytes(lin) == {"cpu": 4 * 8 * 2}

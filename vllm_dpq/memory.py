@@ -5,7 +5,8 @@ distinct tensor storage it holds: parameters, buffers, and tensors kept as plain
 (backends such as ours keep their prepared weights in attributes, e.g. a bf16 cache of the
 FP8 values), looking one level into tuples, lists, dicts and dataclasses. Storages shared by
 several modules (tied embeddings) are counted once; KV-cache tensors that vLLM attaches to its
-attention layers (attributes named `kv_cache`) are not weights and are left out.
+attention layers (attributes named `kv_cache`) are not weights and are left out. Weights that
+vLLM moved into an opaque CPU kernel handle are counted from the layer's shape.
 """
 
 from __future__ import annotations
@@ -49,4 +50,17 @@ def resident_bytes(model: nn.Module) -> dict[str, int]:
                     continue
                 seen.add(key)
                 total[t.device.type] = total.get(t.device.type, 0) + storage.nbytes()
+        total["cpu"] = total.get("cpu", 0) + _opaque_cpu_weight_bytes(mod)
+        if not total["cpu"]:
+            del total["cpu"]
     return total
+
+
+def _opaque_cpu_weight_bytes(mod: nn.Module) -> int:
+    """vLLM on CPU hands unquantized Linear weights to a oneDNN / sgl kernel handle (a packed
+    copy no tensor attribute shows) and empties the module's `weight`: count N x K x itemsize."""
+    w = mod._parameters.get("weight")
+    if w is None or w.numel() or not callable(getattr(mod, "cpu_linear", None)):
+        return 0
+    n, k = getattr(mod, "output_size_per_partition", None), getattr(mod, "input_size_per_partition", None)
+    return int(n) * int(k) * w.element_size() if n and k else 0
