@@ -202,9 +202,14 @@ class DPQLinearMethod(LinearMethodBase):
         backend = select_backend(weights, layer.weight_packed.device)
         self._once(f"backend:{backend.name}", logging.INFO,
                    "DPQ: using backend %s (%s to override)", backend.name, ENV_BACKEND)
+        state = backend.prepare(weights)
+        if backend.name == "cpu" and backend.keeps_packed(state):
+            self._once("cpu:int4", logging.INFO,
+                       "DPQ: INT4 weights stay resident and are expanded to FP8 on every call (least memory, "
+                       "slow decode); VLLM_DPQ_CPU_WEIGHTS=bf16 caches the FP8 values (BF16's memory, ~5x faster)")
         layer._dpq_backend = backend
-        layer._dpq_state = backend.prepare(weights)
-        if not backend.keeps_packed(layer._dpq_state):  # the backend made its own copy: free ours
+        layer._dpq_state = state
+        if not backend.keeps_packed(state):  # the backend made its own copy: free ours
             for name in (PACKED, GROUP_SCALE):
                 param = getattr(layer, name, None)  # a compressed-tensors import has no group scale param
                 if param is not None:
