@@ -118,9 +118,9 @@ def run_once(cfg: dict, workloads: dict, eager: bool, timeout: float) -> dict:
     log = r.stdout + r.stderr
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:
-        # the root cause is the first exception line (vLLM's engine re-raises it generically later)
-        errors = [ln.strip() for ln in log.splitlines()
-                  if re.match(r"\s*(\(\w+ pid=\d+\)\s*)?[\w.]*(Error|Exception)\b", ln) or "not supported" in ln]
+        # the root cause: the first exception message that is not vLLM's generic re-raise
+        errors = [m.group(1) for m in re.finditer(r"\b(\w*(?:Error|Exception): .*)", log)]
+        errors = [e for e in errors if "initialization failed" not in e] or errors
         print(f"run failed (rc {r.returncode}):\n{log[-8000:]}", file=sys.stderr)
         return {"error": errors[0][:300] if errors else f"exit code {r.returncode}"}
     return {**json.loads(line[7:]), **log_figures(log)}
