@@ -258,7 +258,7 @@ def main() -> int:
     text = table(runs)
     a.out.with_suffix(".json").write_text(json.dumps(
         {"configs": configs, "runs": {n: {k: v for k, v in st.items() if k != "texts"} for n, st in runs.items()},
-         "table": text}, indent=1))
+         "table": text}, indent=1).replace(str(Path.home()), "~"))
     a.out.with_suffix(".md").write_text(text)
     print(text)
     plot(runs, a.out.with_suffix(".png"))

@@ -141,10 +141,15 @@ def memory_only(configs: dict, a) -> int:
         print(rows[-1], flush=True)
     table = (f"| config | resident weights GiB | ratio vs {base[0] if base else 'first'} | KV tokens |\n"
              "|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"configs": configs, "runs": results, "table": table}, indent=1))
+    out.with_suffix(".json").write_text(_json({"configs": configs, "runs": results, "table": table}))
     out.with_suffix(".md").write_text(table)
     print(table)
     return 0
+
+
+def _json(obj) -> str:
+    """JSON for the results file, the home folder written as ~ (no machine paths in results)."""
+    return json.dumps(obj, indent=1).replace(str(Path.home()), "~")
 
 
 def _fmt(x) -> str:
@@ -179,7 +184,7 @@ def main() -> int:
                 continue
             print(f"run {i + 1}/{a.runs} {name}: " + ", ".join(f"{w} {r[w]['output_tok_s']:.1f} tok/s" for w in workloads),
                   flush=True)
-            a.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+            a.out.with_suffix(".json").write_text(_json(results))
     base = next(iter(configs))
     lines = ["| config | workload | output tok/s min / median / max | ratio of medians vs " + base +
              " | resident weights GiB | KV tokens |", "|---|---|---|---|---|---|"]
@@ -204,7 +209,7 @@ def main() -> int:
     results["failed"] = failed
     table = "\n".join(lines) + "\n"
     results["table"] = table
-    a.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    a.out.with_suffix(".json").write_text(_json(results))
     a.out.with_suffix(".md").write_text(table)
     print(table)
     try:
