@@ -50,9 +50,9 @@ def resident_bytes(model: nn.Module) -> dict[str, int]:
                     continue
                 seen.add(key)
                 total[t.device.type] = total.get(t.device.type, 0) + storage.nbytes()
-        total["cpu"] = total.get("cpu", 0) + _opaque_cpu_weight_bytes(mod)
-        if not total["cpu"]:
-            del total["cpu"]
+        opaque = _opaque_cpu_weight_bytes(mod)
+        if opaque:
+            total["cpu"] = total.get("cpu", 0) + opaque
     return total
 
 

@@ -525,7 +525,7 @@ def export_compressed_tensors(ckpt_dir: str | os.PathLike, out_dir: str | os.Pat
             raise InteropError(f"{e} after conversion to bf16 S = s_w * s_g") from None
         product = qw.group_scale.double() * qw.weight_scale.double().reshape(-1, 1)  # exact in float64
         if w4a16:  # ours: bf16(s_w * q * s_g); stock: bf16(q * S)
-            ours = (product.float().repeat_interleave(scheme.group(k), dim=1)[:, :k] * qw.q.float()).to(torch.bfloat16)
+            ours = (expand_groups(product.float(), k, scheme.group(k)) * qw.q.float()).to(torch.bfloat16)
             stock, refolded = w4a16_weight(qw.q, s_bf16, scheme.group(k)), 0
         else:  # ours: W_eff; stock: the fold of S, then the FP8 lookup
             ours = qw.dequantize(scheme.fp8_max)
@@ -550,8 +550,7 @@ def export_compressed_tensors(ckpt_dir: str | os.PathLike, out_dir: str | os.Pat
     else:
         ignore = sorted(set(ckpt.config.ignore) | {"lm_head"})
         report.notes.append("ignore list copied from the DPQ config (model not buildable on the meta device)")
-    qconfig = (compressed_tensors_config(ignore, scheme.group_size, preset="W4A16") if w4a16
-               else compressed_tensors_config(ignore))
+    qconfig = compressed_tensors_config(ignore, scheme.group_size if w4a16 else CUTLASS_GROUP, report.preset)
 
     def write(tmp: Path) -> None:
         from safetensors.torch import save_file
