@@ -9,13 +9,15 @@ import pytest
 import torch
 
 CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpora"
+BUNDLED = Path(__file__).resolve().parents[1] / "examples" / "data"
 
 
 def corpus(name: str) -> Path:
-    path = CORPORA / name
-    if not path.exists():
-        pytest.skip(f"corpus {path} not available")
-    return path
+    """A text from the shared corpora, else the copy bundled in examples/data (a fresh clone)."""
+    for path in (CORPORA / name, BUNDLED / name):
+        if path.exists():
+            return path
+    pytest.skip(f"corpus {name} not available")
 
 
 def tiny_config(arch: str = "llama", **kw):
