@@ -149,7 +149,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from vllm_dpq.demo import build_demo_model
+    from calibration.demo_model import build_demo_model
     from vllm_dpq.evaluate import text_windows
 
     model_dir = Path(a.model) if a.model else build_demo_model()

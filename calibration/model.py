@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +9,7 @@ import torch
 from torch import nn
 
 from calibration import CalibrationError
+from vllm_dpq.format import is_ignored
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2")
 
@@ -66,23 +65,12 @@ def layers_prefix(model: nn.Module) -> str:
     return next(name for name, mod in model.named_modules() if mod is layers)
 
 
-def matches(name: str, patterns: list[str]) -> bool:
-    """compressed-tensors style ignore patterns: exact name, glob, or 're:REGEX'."""
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.match(p[3:], name):
-                return True
-        elif name == p or fnmatch.fnmatchcase(name, p) or name.endswith("." + p):
-            return True
-    return False
-
-
 def quantizable_linears(layer: nn.Module, prefix: str, ignore: list[str]) -> dict[str, nn.Linear]:
     """Full name -> nn.Linear inside one decoder layer, minus ignored ones."""
     return {
         f"{prefix}.{name}": mod
         for name, mod in layer.named_modules()
-        if isinstance(mod, nn.Linear) and not matches(f"{prefix}.{name}", ignore)
+        if isinstance(mod, nn.Linear) and not is_ignored(f"{prefix}.{name}", ignore)
     }
 
 

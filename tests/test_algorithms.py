@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from calibration.algorithms import (
-    PAPER_RECIPE, Chain, Recipe, hessian_update, processing_order, quantize_layer,
+    PAPER_RECIPE, Recipe, hessian_update, processing_order, quantize_layer,
 )
 from vllm_dpq.numerics import Scheme
 
@@ -50,7 +50,8 @@ def test_dpq_with_exact_fp8_is_gptq(monkeypatch, codes):
     w, _, h = correlated_layer(n=64, k=256)
     scheme = Scheme(group_size=32)
     gptq = quantize_layer(w, h, Recipe(method="gptq", scheme=scheme, codes=codes))
-    monkeypatch.setattr(Chain, "fp8", lambda self, v: v)
+    for module in ("calibration.algorithms", "vllm_dpq.numerics"):  # every use of the FP8 rounding
+        monkeypatch.setattr(f"{module}.fp8_round", lambda v, fp8_max: v.float())
     dpq = quantize_layer(w, h, Recipe(method="dpq", scheme=scheme, codes=codes))
     assert torch.equal(dpq.qw.q, gptq.qw.q)
     assert torch.equal(dpq.qw.group_scale, gptq.qw.group_scale)

@@ -28,7 +28,7 @@ def captured():
     """{layer name: (weight, calibration inputs, held-out inputs)} from the BF16 demo model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_dpq.demo import build_demo_model
+    from calibration.demo_model import build_demo_model
 
     path = Path(build_demo_model())
     tok = AutoTokenizer.from_pretrained(path)

@@ -17,7 +17,7 @@ CORPUS = Path(__file__).resolve().parents[1].parent / "shared/data/corpora/auste
 def test_demo_model_builds_and_is_sane():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from vllm_dpq.demo import build_demo_model, cache_dir, is_complete
+    from calibration.demo_model import build_demo_model, cache_dir, is_complete
 
     default = cache_dir() / "SmolLM2-135M-Instruct"
     if not is_complete(default):

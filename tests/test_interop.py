@@ -1,4 +1,4 @@
-"""compressed-tensors W4A8-FP8 interop (vllm_dpq.interop.compressed_tensors, docs/INTEROP.md).
+"""compressed-tensors W4A8-FP8 interop (vllm_dpq.interop, docs/INTEROP.md).
 
 - the fold: our model of stock vLLM's load-time scale conversion, against vLLM's own
   ``convert_bf16_scales_to_fp8`` (CPU-callable; its PyTorch path divides by reciprocal, the CUDA
@@ -26,7 +26,9 @@ import torch
 from safetensors import safe_open
 
 from vllm_dpq.format import read_checkpoint
-from vllm_dpq.interop import compressed_tensors as ct
+import vllm_dpq.interop as ct
+from calibration.folded import FoldedChain
+from vllm_dpq.interop.ct_format import EXPORT_REPORT
 from vllm_dpq.numerics import FP8_DTYPE, Scheme, expand_groups, fp8_weight
 
 PROMPTS = [[1, 17, 300, 42, 9], [5, 5, 5, 5, 5, 5, 5, 5], [400, 3, 250, 77], [11, 22, 33, 44, 55, 66], [2, 500],
@@ -98,16 +100,15 @@ def test_folded_weight_is_cutlass_lookup_table():
     assert torch.equal(lut, fp8_weight(q, s8_full, 448.0))
 
 
-# (mse with codes="round" and a per-channel s_w hits numerics.quantize_codes flattening s_w to [N, 1]
-# on 3-D input: a Chain issue, not the fold's; the recipe default is codes="nearest")
-@pytest.mark.parametrize("scale_search,codes", [("max", "round"), ("mse", "nearest")])
+@pytest.mark.parametrize("scale_search,codes", [("max", "round"), ("mse", "round"), ("max", "nearest"),
+                                                ("mse", "nearest")])
 @pytest.mark.parametrize("division", ct.DIVISIONS)
 def test_folded_chain_scales_are_fold_fixed_points(scale_search, codes, division):
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(96, 384, generator=gen) * torch.logspace(-5, 0, 96).reshape(-1, 1)  # tiny rows: clamped c
     w[3] = 0
     w[5, :128] = 0  # a zero group
-    chain = ct.FoldedChain(ct.folded_scheme(128), scale_search=scale_search, codes=codes)
+    chain = FoldedChain(ct.folded_scheme(128), scale_search=scale_search, codes=codes)
     s_w, s_g = chain.fit(w)
     assert s_w.shape == (96,) and s_g.shape == (96, 3)
     assert bool(ct.fold_fixed_point(s_w, s_g, division).all())
@@ -116,7 +117,7 @@ def test_folded_chain_scales_are_fold_fixed_points(scale_search, codes, division
     stock = ct.folded_effective_weight(torch.cat(q, 1), ct.export_group_scales(s_w, s_g), 128, division)
     assert torch.equal(stock, torch.cat(w_eff, 1))
     with pytest.raises(ValueError, match="folded_scheme"):
-        ct.FoldedChain(Scheme(group_size=128))
+        FoldedChain(Scheme(group_size=128))
 
 
 def test_plain_dpq_scales_are_not_fixed_points():
@@ -136,7 +137,7 @@ def folded_ckpt(tmp_path_factory):
     from calibration.algorithms import Recipe
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(Recipe, "chain", lambda self: ct.FoldedChain(self.scheme, self.fp8_aware, self.scale_search,
+    mp.setattr(Recipe, "chain", lambda self: FoldedChain(self.scheme, self.fp8_aware, self.scale_search,
                                                             self.codes))
     try:
         path, _ = make_checkpoint(tmp_path_factory.mktemp("folded") / "dpq", method="dpq", group_size=128,
@@ -159,7 +160,7 @@ def test_export_folded_is_bit_exact_and_well_formed(folded_ckpt, tmp_path):
     assert report.exact and all(r.rows_refolded == 0 for r in report.layers.values())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"] == ct.compressed_tensors_config(["lm_head"])
-    assert json.loads((out / ct.EXPORT_REPORT).read_text())["exact"] is True
+    assert json.loads((out / EXPORT_REPORT).read_text())["exact"] is True
     assert not (out / "dpq_manifest.json").exists()
     src = read_checkpoint(folded_ckpt)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -351,7 +352,7 @@ def test_plugin_claims_compressed_tensors_only_when_asked(ct_ckpts):
     assert DPQQuantConfig.override_quantization_method(cfg, "compressed-tensors") is None
     assert DPQQuantConfig.override_quantization_method(cfg, "dpq") == "dpq"
     qc = DPQQuantConfig.from_config(cfg)
-    assert qc.scheme == ct.folded_scheme(128) and qc.ct is not None
+    assert qc.scheme == ct.folded_scheme(128) and type(qc.stored).__name__ == "CompressedTensorsW4A8Scheme"
 
     from vllm.config import ModelConfig  # vLLM's own resolution of the checkpoint's method
 

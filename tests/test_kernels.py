@@ -5,7 +5,8 @@ import torch
 
 from vllm_dpq.kernels import BACKENDS, ENV_BACKEND, W4A8Weights, select_backend
 from vllm_dpq.kernels.cpu import ENV_WEIGHTS
-from vllm_dpq.numerics import FP8_DTYPE, Scheme, quantize_activation, quantize_rtn, reference_linear
+from calibration.algorithms import quantize_rtn
+from vllm_dpq.numerics import FP8_DTYPE, Scheme, quantize_activation, reference_linear
 from vllm_dpq.packing import pack_int4
 
 ULP = 2.0**-7  # one bf16 ulp, relative: backends round the fp32 GEMM result to bf16 once more
@@ -104,35 +105,3 @@ def test_kernels_import_without_vllm():
     code = ("import sys; sys.modules['vllm'] = None\n"
             "import vllm_dpq, vllm_dpq.kernels, vllm_dpq.numerics, vllm_dpq.format, vllm_dpq.reference\n")
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_resident_bytes_counts_attributes_once():
-    from dataclasses import dataclass
-
-    from vllm_dpq.memory import resident_bytes
-
-    @dataclass
-    class State:
-        cache: torch.Tensor
-        scale: torch.Tensor
-
-    lin = torch.nn.Linear(8, 4, bias=False)  # 32 fp32 = 128 B
-    emb = torch.nn.Embedding(4, 8)
-    emb.weight = lin.weight  # tied: counted once
-    lin.register_buffer("buf", torch.zeros(3, dtype=torch.int32))  # 12 B
-    lin._dpq_state = State(torch.zeros(4, 8, dtype=torch.bfloat16), torch.ones(1))  # 64 + 4 B
-    lin.view = lin._dpq_state.cache[:2]  # a view of a counted storage: 0 B
-    lin.kv_cache = [torch.zeros(1000)]  # vLLM's KV-cache blocks are not weights: 0 B
-    model = torch.nn.Sequential(lin, emb)
-    assert resident_bytes(model) == {"cpu": 128 + 12 + 64 + 4}
-
-
-def test_resident_bytes_counts_weights_held_by_an_opaque_cpu_kernel():
-    """vLLM-CPU's unquantized Linear: weight emptied, a packed copy behind `cpu_linear`."""
-    from vllm_dpq.memory import resident_bytes
-
-    lin = torch.nn.Linear(8, 4, bias=False, dtype=torch.bfloat16)
-    lin.weight = torch.nn.Parameter(torch.empty(0, dtype=torch.bfloat16), requires_grad=False)
-    lin.output_size_per_partition, lin.input_size_per_partition = 4, 8
-    lin.cpu_linear = lambda x, weight, bias: x
-    assert resident_bytes(lin) == {"cpu": 4 * 8 * 2}

@@ -5,11 +5,18 @@ import math
 import pytest
 import torch
 
+from calibration.algorithms import quantize_rtn
 from vllm_dpq.numerics import (
-    FP8_DTYPE, Scheme, compute_group_scales, compute_weight_scale, expand_groups, fp8_round,
-    protective_range, quantize_activation, quantize_rtn,
+    FP8_DTYPE, Scheme, compute_weight_scale, expand_groups, fp8_round, group_view, max_group_scale,
+    protective_range, quantize_activation, round_scale,
 )
 from vllm_dpq.packing import _pack_int4_local, pack_int4, unpack_int4, unpack_int4_reference
+
+def compute_group_scales(w, s_w, scheme):
+    """The spec's s_g = 2 max|W8[group]| / 15, rounded to the storage dtype (DPQ spec section 2)."""
+    s = max_group_scale(group_view(w, scheme.group(w.shape[1])), s_w, scheme.fp8_max)
+    return round_scale(s, scheme.scale_dtype, scheme.fp8_max)
+
 
 SCHEMES = [
     Scheme(group_size=g, weight_scale=ws, group_scale_dtype=sd, fp8_max=fm)

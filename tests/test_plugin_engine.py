@@ -41,7 +41,8 @@ def make_checkpoint(path: Path, seed: int = 0, **scheme_kw) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from vllm_dpq.format import DPQConfig, layer_tensors, write_manifest
-    from vllm_dpq.numerics import Scheme, quantize_rtn
+    from calibration.algorithms import quantize_rtn
+    from vllm_dpq.numerics import Scheme
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -100,7 +101,7 @@ def run_vllm(path: str, eager: bool = True) -> dict:
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     logprobs = [[lp[t].logprob for t, lp in zip(toks, o.outputs[0].logprobs)] for toks, o in zip(tokens, outs)]
-    from vllm_dpq.memory import resident_bytes
+    from benchmarks.memory import resident_bytes
 
     resident = sum(sum(r.values()) for r in llm.apply_model(resident_bytes))
     return {"tokens": tokens, "logprobs": logprobs, "resident_bytes": resident}

@@ -12,7 +12,8 @@ import torch
 pytest.importorskip("vllm")
 
 from vllm_dpq.format import CheckpointError, DPQConfig, layer_tensors  # noqa: E402
-from vllm_dpq.numerics import QuantizedWeight, Scheme, quantize_rtn, reference_linear  # noqa: E402
+from calibration.algorithms import quantize_rtn  # noqa: E402
+from vllm_dpq.numerics import QuantizedWeight, Scheme, reference_linear  # noqa: E402
 
 DPQ_DICT = {"quant_method": "dpq", "format_version": 1, "group_size": 32}
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -33,8 +34,34 @@ def test_from_config_valid():
     cfg = make_config(group_size=64, weight_scale="channel", activation_scheme="static")
     assert cfg.get_name() == "dpq"
     assert cfg.scheme == Scheme(group_size=64, weight_scale="channel", activation_scheme="static")
-    assert cfg.ignore == []
+    assert cfg.dpq.ignore == []
     assert torch.float32 not in cfg.get_supported_act_dtypes()
+
+
+@pytest.mark.parametrize("pattern", ["model.layers.1.mlp.down_proj", "down_proj", "*.1.mlp.*", "re:.*layers\\.1\\.mlp"])
+def test_plugin_skips_what_calibration_skips(pattern):
+    """One matcher (vllm_dpq.format.is_ignored) for calibration and serving: exact names, suffixes,
+    globs and regexes skip the same layers; vLLM's fused layers follow their checkpoint shards."""
+    from calibration.model import quantizable_linears
+    from vllm_dpq.plugin.schemes import DPQScheme
+
+    from conftest import tiny_model
+
+    layer = tiny_model().model.layers[1]
+    calibrated = set(quantizable_linears(layer, "model.layers.1", ["lm_head", pattern]))
+    stored = make_config(ignore=["lm_head", pattern]).stored
+    assert isinstance(stored, DPQScheme)
+    for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        prefix = f"model.layers.1.{name}"
+        shards = [f"model.layers.1.{name.split('.')[0]}.{s}" for s in dict(PACKED).get(name.split(".")[1], [])]
+        expected = all(s in calibrated for s in (shards or [prefix]))
+        assert stored.quantizes(None, prefix, dict(PACKED)) == expected, (pattern, prefix)
+
+
+def test_plugin_refuses_a_fused_layer_with_mixed_shards():
+    stored = make_config(ignore=["model.layers.0.self_attn.k_proj"]).stored
+    with pytest.raises(ValueError, match="fused layer model.layers.0.self_attn.qkv_proj"):
+        stored.quantizes(None, "model.layers.0.self_attn.qkv_proj", dict(PACKED))
 
 
 @pytest.mark.parametrize("bad, words", [

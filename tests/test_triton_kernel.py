@@ -336,7 +336,7 @@ def test_imports_without_triton():
             "import torch, vllm_dpq.kernels as k\n"
             "from vllm_dpq.kernels.triton_w4a8 import TritonBackend, triton_import_error\n"
             "assert triton_import_error() is not None\n"
-            "from vllm_dpq.numerics import Scheme, quantize_rtn\n"
+            "from calibration.algorithms import quantize_rtn\nfrom vllm_dpq.numerics import Scheme\n"
             "from vllm_dpq.packing import pack_int4\n"
             "qw = quantize_rtn(torch.randn(8, 32), Scheme())\n"
             "w = k.W4A8Weights(pack_int4(qw.q), qw.group_scale, qw.weight_scale, None, 32, 32)\n"

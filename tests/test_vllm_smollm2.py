@@ -211,7 +211,7 @@ def duplicate_heads(src: Path, dst: Path, layers: int | None = None) -> Path:
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("vllm")
-    from vllm_dpq.demo import build_demo_model
+    from calibration.demo_model import build_demo_model
 
     return Path(build_demo_model())
 

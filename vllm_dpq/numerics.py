@@ -117,17 +117,23 @@ def _col(s_w: torch.Tensor) -> torch.Tensor:
     return s_w.reshape(-1, 1)
 
 
-def compute_group_scales(w: torch.Tensor, s_w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    """FP8-domain symmetric INT4 group scales, rounded to the storage dtype, as fp32 [N, G']."""
-    n, k = w.shape
-    g = scheme.group(k)
-    pr = protective_range(scheme.fp8_max)
-    w8 = (w.float() / _col(s_w)).clamp(-pr, pr).to(FP8_DTYPE).float()
-    pad = (-k) % g
+def group_view(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[..., K] -> [..., ceil(K/G), G], the ragged last group zero-padded (zeros never change a
+    group's max, and their codes are sliced away)."""
+    pad = (-x.shape[-1]) % group
     if pad:
-        w8 = torch.nn.functional.pad(w8, (0, pad))
-    amax = w8.abs().reshape(n, -1, g).amax(dim=2)
-    return round_scale(2 * amax / 15, scheme.scale_dtype, scheme.fp8_max)
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, group)
+
+
+def max_group_scale(groups: torch.Tensor, s_w: torch.Tensor, fp8_max: float, fp8: bool = True) -> torch.Tensor:
+    """Un-rounded max-based group scales 2 * max|W8[group]| / 15 of groups [N, G', G], fp32 [N, G'].
+    fp8=False skips the FP8 rounding of W / s_w (an INT4-only quantizer, FP8-unaware GPTQ)."""
+    pr = protective_range(fp8_max)
+    v = (groups.float() / s_w.reshape(-1, 1, 1)).clamp(-pr, pr)
+    if fp8:
+        v = fp8_round(v, fp8_max)
+    return 2 * v.abs().amax(dim=-1) / 15
 
 
 def quantize_codes(w: torch.Tensor, s_w: torch.Tensor, s_g_full: torch.Tensor) -> torch.Tensor:
@@ -140,11 +146,6 @@ def quantize_codes(w: torch.Tensor, s_w: torch.Tensor, s_g_full: torch.Tensor) -
 def fp8_weight(q: torch.Tensor, s_g_full: torch.Tensor, fp8_max: float) -> torch.Tensor:
     """The FP8 weight the GEMM consumes: fp8(clamp(q * s_g)), as fp32 values."""
     return fp8_round(q.float() * s_g_full, fp8_max)
-
-
-def fake_quant(w: torch.Tensor, s_w: torch.Tensor, s_g_full: torch.Tensor, fp8_max: float) -> torch.Tensor:
-    """The whole chain on (a slice of) a weight: W -> W_eff, fp32. Used by RTN and DPQ."""
-    return _col(s_w) * fp8_weight(quantize_codes(w, s_w, s_g_full), s_g_full, fp8_max)
 
 
 @dataclass
@@ -170,27 +171,10 @@ class QuantizedWeight:
         return _col(self.weight_scale.float()) * self.fp8(fp8_max)
 
 
-def scales_for(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s_w, s_g) fitted on w, both fp32 (s_g already rounded to its storage dtype)."""
-    s_w = compute_weight_scale(w, scheme.weight_scale == "channel", scheme.fp8_max)
-    return s_w, compute_group_scales(w, s_w, scheme)
-
-
 def pack_result(q: torch.Tensor, s_w: torch.Tensor, s_g: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
     return QuantizedWeight(
         q=q, group_scale=s_g.to(scheme.scale_dtype), weight_scale=s_w.float(), group_size=scheme.group(q.shape[1])
     )
-
-
-def quantize_rtn(w: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
-    """RTN: the chain with no error feedback."""
-    if w.ndim != 2:
-        raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or Inf")
-    s_w, s_g = scales_for(w, scheme)
-    q = quantize_codes(w, s_w, expand_groups(s_g, w.shape[1], scheme.group(w.shape[1])))
-    return pack_result(q, s_w, s_g, scheme)
 
 
 # ----------------------------------------------------------------------------- activations

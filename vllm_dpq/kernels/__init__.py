@@ -1,7 +1,7 @@
 """W4A8-FP8 GEMM backends behind one dispatch function. Importable with torch alone.
 
     weights = W4A8Weights(packed, group_scale, weight_scale, input_scale, k, group_size, fp8_max)
-    backend = select_backend(weights, device)          # or VLLM_DPQ_BACKEND=<name>
+    backend = select_backend(weights, device)          # checks the layout; or VLLM_DPQ_BACKEND=<name>
     state   = backend.prepare(weights)                 # once, at load
     y       = backend.apply(state, x, bias)            # every forward
 
@@ -33,6 +33,7 @@ PREFERENCE = {"cpu": ("cpu",), "cuda": ("triton", "scaled_mm")}
 def select_backend(weights: W4A8Weights, device: torch.device | str, override: str | None = None) -> Backend:
     """Pick the backend for one layer. ``override`` (or $VLLM_DPQ_BACKEND) forces one; a
     forced backend that cannot compute this layer's numerics on this device is an error."""
+    weights.check()
     device = torch.device(device)
     forced = override or os.environ.get(ENV_BACKEND) or None
     if forced:

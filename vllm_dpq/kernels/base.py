@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from vllm_dpq.numerics import expand_groups, fp8_weight, quantize_activation
-from vllm_dpq.packing import unpack_int4
+from vllm_dpq.numerics import SCALE_DTYPES, expand_groups, fp8_weight, quantize_activation
+from vllm_dpq.packing import packed_cols, unpack_int4
 
 
 @dataclass
@@ -26,6 +26,25 @@ class W4A8Weights:
     @property
     def n(self) -> int:
         return self.packed.shape[0]
+
+    def check(self) -> None:
+        """The layout every backend relies on (ValueError otherwise); values are the loader's
+        business (vllm_dpq.format.check_scale)."""
+        n, k = self.n, self.k
+        if self.group_size <= 0:
+            raise ValueError(f"effective group size must be positive, got {self.group_size}")
+        if tuple(self.packed.shape) != (n, packed_cols(k)) or self.packed.dtype != torch.int32:
+            raise ValueError(f"packed weight must be int32 [{n}, {packed_cols(k)}], got {self.packed.dtype} "
+                             f"{tuple(self.packed.shape)}")
+        groups = -(-k // self.group_size)
+        if tuple(self.group_scale.shape) != (n, groups):
+            raise ValueError(f"group scales must be [{n}, {groups}], got {tuple(self.group_scale.shape)}")
+        if self.group_scale.dtype not in SCALE_DTYPES.values():
+            raise ValueError(f"group scales must be one of {sorted(SCALE_DTYPES)}, got {self.group_scale.dtype}")
+        if self.weight_scale.numel() not in (1, n):
+            raise ValueError(f"weight scale must have 1 or {n} elements, got {self.weight_scale.numel()}")
+        if self.input_scale is not None and self.input_scale.numel() != 1:
+            raise ValueError(f"input scale must have 1 element, got {self.input_scale.numel()}")
 
     def fp8_values(self) -> torch.Tensor:
         """fp8(clamp(q * s_g)) as fp32 [N, K]: the B operand of the FP8 GEMM."""

@@ -18,7 +18,7 @@ import os
 import torch
 
 from vllm_dpq.kernels.base import Backend, W4A8Weights
-from vllm_dpq.numerics import FP8_DTYPE
+from vllm_dpq.numerics import FP8_DTYPE, w4a8_matmul
 
 ENV_WEIGHTS = "VLLM_DPQ_CPU_WEIGHTS"
 MODES = ("int4", "fp8", "bf16")
@@ -49,15 +49,5 @@ class CpuBackend(Backend):
 
     def apply(self, state, x, bias=None):
         mode, w = state[0], state[1]
-        if mode == "int4":
-            w8 = w.fp8_values().to(torch.bfloat16)
-        else:
-            w8 = state[2].to(torch.bfloat16)
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        x8, s_x = w.quantize_input(x2)
-        y = torch.matmul(x8.to(torch.bfloat16), w8.t()).float()
-        y = y * (s_x * w.weight_scale.reshape(1, -1))
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype).reshape(*shape[:-1], w.n)
+        w8 = w.fp8_values() if mode == "int4" else state[2]
+        return w4a8_matmul(x, w8, w.weight_scale, w.fp8_max, w.input_scale, bias, x.dtype, torch.bfloat16)

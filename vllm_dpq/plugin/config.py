@@ -9,21 +9,20 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
 from vllm_dpq.format import QUANT_METHOD, DPQConfig
+from vllm_dpq.interop.ct_format import CT_METHOD, is_compressed_tensors_config
+from vllm_dpq.plugin.schemes import CompressedTensorsW4A8Scheme, DPQScheme, StoredScheme
 
 
 @register_quantization_config(QUANT_METHOD)
 class DPQQuantConfig(QuantizationConfig):
-    def __init__(self, dpq: DPQConfig, ct=None):
+    def __init__(self, stored: StoredScheme):
         super().__init__()
-        self.dpq = dpq
-        self.scheme = dpq.scheme
-        self.ignore = list(dpq.ignore)
-        # --- compressed-tensors import (vllm_dpq.interop): vLLM's CompressedTensorsConfig of the
-        # checkpoint, used for its layer matching only; None for DPQ checkpoints
-        self.ct = ct
+        self.stored = stored
+        self.dpq = stored.dpq
+        self.scheme = stored.scheme
 
     def __repr__(self) -> str:
-        return f"DPQQuantConfig({self.scheme}, ignore={self.ignore})"
+        return f"DPQQuantConfig({type(self.stored).__name__}, {self.scheme}, ignore={self.dpq.ignore})"
 
     def get_name(self) -> str:
         return QUANT_METHOD
@@ -41,52 +40,35 @@ class DPQQuantConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "DPQQuantConfig":
-        # --- compressed-tensors import (vllm_dpq.interop): only reached with --quantization dpq
-        if isinstance(config, dict) and config.get("quant_method") == "compressed-tensors":
-            from vllm_dpq.interop.compressed_tensors import dpq_config_from_compressed_tensors, vllm_ct_config
-
-            return cls(dpq_config_from_compressed_tensors(config), ct=vllm_ct_config(config))
-        # ---
-        return cls(DPQConfig.from_dict(config))  # CheckpointError names what is wrong
+        """The stored scheme, chosen once: a compressed-tensors W4A8-FP8 checkpoint (only reached
+        with --quantization dpq) or a DPQ checkpoint (CheckpointError names what is wrong)."""
+        if is_compressed_tensors_config(config):
+            return cls(CompressedTensorsW4A8Scheme(config))
+        return cls(DPQScheme(DPQConfig.from_dict(config)))
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
         """Claim DPQ checkpoints only (and only when the user asked for nothing else).
         A compressed-tensors checkpoint is claimed only when the user asked for
         ``--quantization dpq``; otherwise it goes to stock vLLM as always."""
-        if isinstance(hf_quant_cfg, dict) and hf_quant_cfg.get("quant_method") == QUANT_METHOD:
+        if not isinstance(hf_quant_cfg, dict):
+            return None
+        method = hf_quant_cfg.get("quant_method")
+        if method == QUANT_METHOD:
             return QUANT_METHOD if user_quant in (None, QUANT_METHOD) else None
-        # --- compressed-tensors import (vllm_dpq.interop); from_config says if it is not W4A8-FP8
-        if (user_quant == QUANT_METHOD and isinstance(hf_quant_cfg, dict)
-                and hf_quant_cfg.get("quant_method") == "compressed-tensors"):
+        if method == CT_METHOD and user_quant == QUANT_METHOD:  # from_config says if it is not W4A8-FP8
             return QUANT_METHOD
         return None
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
-        self.ignore = hf_to_vllm_mapper.apply_list(self.ignore)
-        if self.ct is not None:  # compressed-tensors import: map its targets and ignore list too
-            self.ct.apply_vllm_mapper(hf_to_vllm_mapper)
-
-    def is_skipped(self, prefix: str) -> bool:
-        from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
-
-        return "lm_head" in prefix or is_layer_skipped(prefix, self.ignore, self.packed_modules_mapping)
+        self.stored.apply_vllm_mapper(hf_to_vllm_mapper)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 
-        if self.ct is not None:  # compressed-tensors import: its targets / ignore, matched by vLLM
-            from vllm_dpq.interop.compressed_tensors import ct_layer_quantized
-
-            quantized = ct_layer_quantized(self.ct, self.packed_modules_mapping, layer, prefix)
-            if not isinstance(layer, LinearBase):
-                return None
-            if not quantized:
-                return UnquantizedLinearMethod()
-        elif not isinstance(layer, LinearBase):
-            return None
-        elif self.is_skipped(prefix):
-            return UnquantizedLinearMethod()
         from vllm_dpq.plugin.linear_method import DPQLinearMethod
 
-        return DPQLinearMethod(self, prefix)
+        quantized = self.stored.quantizes(layer, prefix, self.packed_modules_mapping)
+        if not isinstance(layer, LinearBase):
+            return None
+        return DPQLinearMethod(self, prefix) if quantized else UnquantizedLinearMethod()

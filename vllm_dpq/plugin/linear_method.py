@@ -1,20 +1,9 @@
 """``DPQLinearMethod``: DPQ W4A8-FP8 linear layers inside vLLM.
 
-Parameters are the checkpoint tensors (docs/FORMAT.md), sharded by vLLM's own loaders:
-
-    weight_packed       int32 [N, ceil(K/8)]   PackedvLLMParameter (8 codes per int32 along K)
-    weight_group_scale  bf16/fp8 [N, ceil(K/G)] GroupQuantScaleParameter ([N, 1] per-channel
-                                               group, replicated over tensor-parallel ranks)
-    weight_scale        fp32 [N] per channel   ChannelQuantScaleParameter
-                        fp32 [shards] per tensor  PerTensorScaleParameter: one s_w per checkpoint
-                                               projection (q, k, v / gate, up)
-    input_scale         fp32 [shards]          static activations only
-
-Merged layers (qkv_proj, gate_up_proj) load one checkpoint projection per shard. At load
-end, per-tensor s_w of a merged layer becomes per-channel [N] (exact: each shard's rows keep
-their own s_w). The shards of a merged layer share one input, so their static s_x should be
-equal; if calibration measured different values the largest is used (no clipping) and a
-warning is logged once.
+What depends on how the checkpoint stores a layer (its parameters, their checks, their
+conversion to ``W4A8Weights``) is the config's stored scheme (``vllm_dpq.plugin.schemes``);
+this class does what every scheme shares: partition checks, detecting tensors vLLM never
+loaded, backend selection, and the forward.
 
 vLLM does not notice checkpoint tensors that are missing: every parameter records which
 shards its loader filled, and scales start as NaN; ``process_weights_after_loading`` fails
@@ -31,16 +20,11 @@ import logging
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
-from vllm.model_executor.parameter import (
-    ChannelQuantScaleParameter,
-    GroupQuantScaleParameter,
-    PackedvLLMParameter,
-    PerTensorScaleParameter,
-)
+from vllm.model_executor.parameter import PerTensorScaleParameter
 
-from vllm_dpq.format import GROUP_SCALE, INPUT_SCALE, PACKED, WEIGHT_SCALE, CheckpointError, check_scale
-from vllm_dpq.kernels import ENV_BACKEND, W4A8Weights, select_backend
-from vllm_dpq.packing import PACK_FACTOR, packed_cols
+from vllm_dpq.format import GROUP_SCALE, PACKED, CheckpointError
+from vllm_dpq.kernels import ENV_BACKEND, select_backend
+from vllm_dpq.packing import PACK_FACTOR
 
 logger = logging.getLogger("vllm_dpq.plugin")
 _announced: set[str] = set()  # log each backend choice / warning kind once per process
@@ -90,40 +74,16 @@ def _loaded_shards(param, n_shards: int) -> set[int]:
 class DPQLinearMethod(LinearMethodBase):
     def __init__(self, quant_config, prefix: str = ""):
         self.quant_config = quant_config
-        self.scheme = quant_config.scheme
+        self.stored = quant_config.stored
         self.prefix = prefix
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
                        output_size, params_dtype, **extra_weight_attrs):
-        s, k, n = self.scheme, input_size_per_partition, sum(output_partition_sizes)
-        check_partition(self.prefix, input_size, k, s.group_size)
-        loader = extra_weight_attrs["weight_loader"]
+        k, n = input_size_per_partition, sum(output_partition_sizes)
+        check_partition(self.prefix, input_size, k, self.stored.scheme.group_size)
         layer.logical_widths = list(output_partition_sizes)
         layer.input_size_per_partition = k
-        if getattr(self.quant_config, "ct", None) is not None:  # compressed-tensors import: their names
-            from vllm_dpq.interop.compressed_tensors import ct_create_weights
-
-            return ct_create_weights(layer, n, k, s, loader, _track_loads)
-
-        def nan(*shape, dtype=torch.float32):  # the "never loaded" sentinel of every scale
-            return torch.full(shape, float("nan"), dtype=dtype)
-
-        shards = len(output_partition_sizes)
-        params = {PACKED: PackedvLLMParameter(data=torch.zeros(n, packed_cols(k), dtype=torch.int32),
-                                              input_dim=1, output_dim=0, packed_dim=1,
-                                              packed_factor=PACK_FACTOR, weight_loader=loader)}
-        if s.group_size == -1:  # one group per row: its scale spans every rank's slice of K
-            params[GROUP_SCALE] = ChannelQuantScaleParameter(data=nan(n, 1, dtype=s.scale_dtype),
-                                                             output_dim=0, weight_loader=loader)
-        else:
-            params[GROUP_SCALE] = GroupQuantScaleParameter(data=nan(n, s.num_groups(k), dtype=s.scale_dtype),
-                                                           output_dim=0, input_dim=1, weight_loader=loader)
-        if s.weight_scale == "channel":
-            params[WEIGHT_SCALE] = ChannelQuantScaleParameter(data=nan(n), output_dim=0, weight_loader=loader)
-        else:  # one s_w per checkpoint projection (q, k, v / gate, up)
-            params[WEIGHT_SCALE] = PerTensorScaleParameter(data=nan(shards), weight_loader=loader)
-        if s.activation_scheme == "static":
-            params[INPUT_SCALE] = PerTensorScaleParameter(data=nan(shards), weight_loader=loader)
+        params = self.stored.create_weights(n, k, len(output_partition_sizes), extra_weight_attrs["weight_loader"])
         for name, p in params.items():
             layer.register_parameter(name, _track_loads(p))
 
@@ -148,13 +108,13 @@ class DPQLinearMethod(LinearMethodBase):
                 raise CheckpointError(
                     f"tensor {shard_names[missing[0]]}.{name} missing from the checkpoint "
                     f"(never loaded into vLLM layer {self.prefix})")
-            if name == PACKED:
+            if not p.data.is_floating_point():  # codes and shapes; scales are checked below
                 continue
             # one entry per shard (per-tensor scales) or one row per output channel
             pieces = p.data.split(1 if isinstance(p, PerTensorScaleParameter) else widths)
             for shard_name, piece in zip(shard_names, pieces):
                 try:
-                    check_scale(f"{shard_name}.{name}", piece, None if self.quant_config.ct is not None else self.scheme)
+                    self.stored.check_scale(f"{shard_name}.{name}", piece)
                 except CheckpointError as e:
                     raise CheckpointError(f"{e} (missing from the checkpoint or invalid)") from None
 
@@ -165,40 +125,11 @@ class DPQLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer) -> None:
         self._validate(layer)
-        if getattr(self.quant_config, "ct", None) is not None:  # compressed-tensors import: fold S
-            from vllm_dpq.interop.compressed_tensors import ct_weights_after_loading
 
-            return self._select_backend(layer, ct_weights_after_loading(layer, layer.input_size_per_partition,
-                                                                        self.scheme))
-        s, widths = self.scheme, layer.logical_widths
-        k = layer.input_size_per_partition
+        def warn_once(msg, *args):
+            self._once(f"mismatch:{msg}", logging.WARNING, "DPQ: %s: " + msg + " (warned once)", self.prefix, *args)
 
-        s_w = layer.weight_scale.data.float()
-        if s.weight_scale == "tensor" and len(widths) > 1:  # one s_w per shard -> per channel
-            s_w = s_w.repeat_interleave(torch.tensor(widths, device=s_w.device))
-
-        s_x = None
-        if s.activation_scheme == "static":
-            s_x = layer.input_scale.data.float()
-            if len(s_x) > 1 and not bool((s_x == s_x[0]).all()):
-                self._once("input_scale", logging.WARNING,
-                           "DPQ: %s: the merged projections have different static input scales %s "
-                           "although they share one input; using the largest (warned once)",
-                           self.prefix, s_x.tolist())
-            s_x = s_x.max().reshape(1)
-
-        weights = W4A8Weights(
-            packed=layer.weight_packed.data,
-            group_scale=layer.weight_group_scale.data,
-            weight_scale=s_w,
-            input_scale=s_x,
-            k=k,
-            group_size=s.group(k),
-            fp8_max=s.fp8_max,
-        )
-        self._select_backend(layer, weights)
-
-    def _select_backend(self, layer, weights: W4A8Weights) -> None:
+        weights = self.stored.weights(layer, warn_once)
         backend = select_backend(weights, layer.weight_packed.device)
         self._once(f"backend:{backend.name}", logging.INFO,
                    "DPQ: using backend %s (%s to override)", backend.name, ENV_BACKEND)
