@@ -46,8 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore", action="append", default=[], help="Linear names/globs/re:regex to keep unquantized")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--calib-dtype", choices=DTYPES, default="bfloat16",
-                   help="model dtype of the calibration forward passes (Hessians are fp32 either way)")
+    p.add_argument("--calib-dtype", choices=("auto", *DTYPES), default="auto",
+                   help="model dtype of the calibration forward passes (Hessians are fp32 either way); auto "
+                        "(default): bfloat16 on CUDA and on CPUs that compute it natively (AVX512-BF16, AMX), "
+                        "else float32")
     p.add_argument("--save-dtype", choices=DTYPES, default="bfloat16", help="dtype of unquantized tensors saved")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -55,6 +57,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue an interrupted run from its last finished layer (same settings)")
     p.add_argument("--stats-json", default=None, help="write wall time, peak RSS and per-layer errors here")
     p.add_argument("--trust-remote-code", action="store_true")
+
+
+def resolve_calib_dtype(name: str, device: str) -> str:
+    """--calib-dtype auto: bf16 where the device computes it natively, fp32 otherwise (a bf16
+    matmul on an AVX2-only CPU is ~40x slower than fp32)."""
+    if name != "auto":
+        return name
+    from vllm_dpq.kernels.cpu import native_bf16
+
+    native = torch.device(device).type == "cuda" or native_bf16()
+    choice = "bfloat16" if native else "float32"
+    print(f"calibration dtype: {choice} (auto: {'native bf16' if native else 'this CPU has no native bf16'})",
+          file=sys.stderr)
+    return choice
 
 
 def recipe_from_args(args) -> Recipe:
@@ -98,6 +114,7 @@ def run(args) -> int:
     if args.resume and not work_dir_for(args.output).exists():
         print(f"note: nothing to resume for {args.output}; starting from the first layer", file=sys.stderr)
     t0 = time.perf_counter()
+    args.calib_dtype = resolve_calib_dtype(args.calib_dtype, args.device)
     # everything cheap that can fail is checked before the model's weights are read
     check_supported(args.model, args.trust_remote_code)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)

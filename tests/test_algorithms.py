@@ -134,3 +134,13 @@ def test_determinism_identical_bytes(tmp_path):
         path, _ = make_checkpoint(tmp_path / f"run{i}", method="dpq")
         digests.append({f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())})
     assert digests[0] == digests[1]
+
+
+def test_calib_dtype_auto_follows_the_device(monkeypatch):
+    from calibration.cli import resolve_calib_dtype
+
+    for native, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr("vllm_dpq.kernels.cpu.native_bf16", lambda v=native: v)
+        assert resolve_calib_dtype("auto", "cpu") == want
+    assert resolve_calib_dtype("auto", "cuda") == "bfloat16"
+    assert resolve_calib_dtype("float16", "cpu") == "float16"  # an explicit choice is kept

@@ -59,6 +59,39 @@ def test_backend_matches_reference(backend, cpu_weights, static, n, k, g, monkey
     assert y3.shape == (7, 1, n)
 
 
+@pytest.mark.parametrize("gemm", ["bfloat16", "float32"])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("static", [False, True])
+def test_cpu_backend_gemm_dtypes(gemm, x_dtype, static, monkeypatch):
+    """Both GEMM dtypes the CPU backend can choose, with bf16 and fp32 activations: fp32 is the
+    reference's own computation (bit-identical), bf16 within one bf16 ulp."""
+    from vllm_dpq.kernels.cpu import ENV_GEMM
+
+    monkeypatch.setenv(ENV_GEMM, gemm)
+    monkeypatch.delenv(ENV_WEIGHTS, raising=False)
+    scheme = Scheme(group_size=32)
+    qw, x, s_x, bias, weights = make(48, 160, scheme, static, dtype=x_dtype)
+    state = BACKENDS["cpu"].prepare(weights)
+    assert state.gemm_dtype == getattr(torch, gemm)
+    y = BACKENDS["cpu"].apply(state, x, bias)
+    ref = reference_linear(x, qw, scheme.fp8_max, s_x, bias, out_dtype=x_dtype)
+    assert y.dtype == x_dtype
+    assert torch.equal(y, ref) if gemm == "float32" else close(y, ref, bias)
+
+
+def test_cpu_gemm_dtype_follows_the_cpu(monkeypatch):
+    from vllm_dpq.kernels import cpu
+
+    monkeypatch.delenv(cpu.ENV_GEMM, raising=False)
+    for bf16, amx, want in ((True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert cpu.gemm_dtype() == want
+    monkeypatch.setenv(cpu.ENV_GEMM, "fp16")
+    with pytest.raises(ValueError, match=cpu.ENV_GEMM):
+        cpu.gemm_dtype()
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_emulated_gemm_equals_scaled_mm(static):
     """bf16 GEMM over FP8-rounded operands == torch._scaled_mm, up to fp32 summation order."""

@@ -35,7 +35,7 @@ def test_from_config_valid():
     assert cfg.get_name() == "dpq"
     assert cfg.scheme == Scheme(group_size=64, weight_scale="channel", activation_scheme="static")
     assert cfg.dpq.ignore == []
-    assert torch.float32 not in cfg.get_supported_act_dtypes()
+    assert torch.float32 in cfg.get_supported_act_dtypes()  # the fast dtype of CPUs without native bf16
 
 
 @pytest.mark.parametrize("pattern", ["model.layers.1.mlp.down_proj", "down_proj", "*.1.mlp.*", "re:.*layers\\.1\\.mlp"])

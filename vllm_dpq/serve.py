@@ -33,6 +33,19 @@ def patch_vllm_version() -> None:
     md.version = version
 
 
+def cpu_dtype_default(argv: list[str]) -> list[str]:
+    """``--dtype float32`` on a CPU without native bf16 unless the user chose a dtype (or asked
+    for help): there a bf16 matmul is ~40x slower than fp32, in vLLM's own layers too."""
+    import torch
+
+    from vllm_dpq.kernels.cpu import native_bf16
+
+    if torch.cuda.is_available() or native_bf16() or any(a in ("-h", "--help") or a.startswith("--dtype")
+                                                         for a in argv):
+        return []
+    return ["--dtype", "float32"]
+
+
 def main(argv: list[str] | None = None) -> int:
     patch_vllm_version()
     from vllm.entrypoints.cli.main import main as vllm_main
@@ -40,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
+    argv += cpu_dtype_default(argv)
     sys.argv = ["vllm", "serve", *argv]
     vllm_main()
     return 0

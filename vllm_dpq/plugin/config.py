@@ -28,7 +28,7 @@ class DPQQuantConfig(QuantizationConfig):
         return QUANT_METHOD
 
     def get_supported_act_dtypes(self) -> list[torch.dtype]:
-        return [torch.bfloat16, torch.float16]
+        return [torch.bfloat16, torch.float16, torch.float32]  # fp32: the fast dtype of CPUs without bf16
 
     @classmethod
     def get_min_capability(cls) -> int:

@@ -24,6 +24,7 @@ from vllm.model_executor.parameter import PerTensorScaleParameter
 
 from vllm_dpq.format import GROUP_SCALE, PACKED, CheckpointError
 from vllm_dpq.kernels import ENV_BACKEND, select_backend
+from vllm_dpq.kernels.cpu import ENV_GEMM, native_bf16
 from vllm_dpq.packing import PACK_FACTOR
 
 logger = logging.getLogger("vllm_dpq.plugin")
@@ -134,6 +135,9 @@ class DPQLinearMethod(LinearMethodBase):
         self._once(f"backend:{backend.name}", logging.INFO,
                    "DPQ: using backend %s (%s to override)", backend.name, ENV_BACKEND)
         state = backend.prepare(weights)
+        if backend.name == "cpu":
+            self._once("cpu:gemm", logging.INFO, "DPQ: CPU GEMMs in %s (%s; %s to override)", state.gemm_dtype,
+                       "native bf16" if native_bf16() else "this CPU has no native bf16", ENV_GEMM)
         if backend.name == "cpu" and backend.keeps_packed(state):
             self._once("cpu:int4", logging.INFO,
                        "DPQ: INT4 weights stay resident and are expanded to FP8 on every call (least memory, "
