@@ -151,7 +151,7 @@ class Timer:
 
 
 def bench_shape(n, k, ms, backends, timer, group, scale_dtype, log=print, dev=torch.device("cuda")) -> list[dict]:
-    from vllm_dpq.kernels import triton_w4a8 as tw
+    from vllm_dpq.kernels import triton as tw
     from vllm_dpq.kernels.scaled_mm import ScaledMMBackend
 
     w = random_weights(n, k, group, scale_dtype, dev)
@@ -171,7 +171,7 @@ def bench_shape(n, k, ms, backends, timer, group, scale_dtype, log=print, dev=to
         x8, sx = None, None
         if "fp8_w8a8" in backends or "dpq_triton_gemm" in backends:
             if tstate is not None:
-                x8, sx = tw.quantize_activation(x, None, 448.0)
+                x8, sx = tw.quantize_activation_fp8(x, None, 448.0)
             else:
                 amax = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
                 sx = (amax / 448.0).reshape(-1)
@@ -202,10 +202,10 @@ def bench_shape(n, k, ms, backends, timer, group, scale_dtype, log=print, dev=to
                 for base in ("bf16", "fp8_w8a8"):
                     if "median_ms" in timings.get(base, {}):
                         row[f"speedup_vs_{base}"] = timings[base]["median_ms"] / t["median_ms"]
-                if b == "dpq_triton_dequant" or (b == "dpq_triton" and m >= tw.dequant_threshold()):
+                if b == "dpq_triton_dequant" or (b == "dpq_triton" and m >= tstate.settings.dequant_m):
                     row["config"] = "dequant + _scaled_mm"
                 elif b.startswith("dpq_triton"):
-                    cfg = tw.pick_config(m, n, k, tw._sms(dev))
+                    cfg = tstate.settings.config or tw.pick_config(m, n, k, tw.num_sms(dev))
                     row["config"] = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} split{cfg.split_k} " \
                                     f"w{cfg.num_warps} s{cfg.num_stages} {cfg.unpack}"
             rows.append(row)

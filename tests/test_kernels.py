@@ -3,35 +3,11 @@
 import pytest
 import torch
 
-from vllm_dpq.kernels import BACKENDS, ENV_BACKEND, W4A8Weights, select_backend
+from vllm_dpq.kernels import BACKENDS, ENV_BACKEND, select_backend
 from vllm_dpq.kernels.cpu import ENV_WEIGHTS
-from calibration.algorithms import quantize_rtn
 from vllm_dpq.numerics import FP8_DTYPE, Scheme, quantize_activation, reference_linear
-from vllm_dpq.packing import pack_int4
 
-ULP = 2.0**-7  # one bf16 ulp, relative: backends round the fp32 GEMM result to bf16 once more
-
-
-def make(n, k, scheme, static, seed=0, m=7, dtype=torch.bfloat16):
-    """(quantized weight, x [m, K] with a zero row, static s_x or None, bias, W4A8Weights)."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
-    x = (torch.randn(m, k, generator=g) * 2).to(dtype)
-    if m > 1:
-        x[1] = 0
-    qw = quantize_rtn(w, scheme)
-    s_x = torch.tensor([x.float().abs().max().item() / scheme.fp8_max]) if static else None
-    bias = torch.randn(n, generator=g).to(torch.bfloat16)
-    weights = W4A8Weights(pack_int4(qw.q), qw.group_scale, qw.weight_scale, s_x, k, qw.group_size, scheme.fp8_max)
-    return qw, x, s_x, bias, weights
-
-
-def close(y, ref, bias=None):
-    """Within one bf16 ulp of the GEMM result (the bias is added after that rounding)."""
-    y, ref = y.float(), ref.float()
-    gemm = ref - (bias.float() if bias is not None else 0)
-    return bool(((y - ref).abs() <= ULP * (ref.abs() + gemm.abs()) + 1e-5).all())
-
+from kernel_cases import close, make  # tests/kernel_cases.py, shared with the Triton tests
 
 VARIANTS = [("cpu", "int4"), ("cpu", "fp8"), ("cpu", "bf16"), ("scaled_mm", "int4"), ("triton", "int4")]
 assert {b for b, _ in VARIANTS} == set(BACKENDS), "every backend is tested against the reference"
@@ -138,3 +114,20 @@ def test_kernels_import_without_vllm():
     code = ("import sys; sys.modules['vllm'] = None\n"
             "import vllm_dpq, vllm_dpq.kernels, vllm_dpq.numerics, vllm_dpq.format, vllm_dpq.reference\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("field,bad,words", [
+    ("packed", torch.zeros(16, 7, dtype=torch.int32), "packed weight must be int32"),
+    ("group_scale", torch.ones(16, 3, dtype=torch.bfloat16), "group scales must be"),
+    ("group_scale", torch.ones(16, 2, dtype=torch.float16), "group scales must be one of"),
+    ("weight_scale", torch.ones(3), "weight scale must have"),
+    ("group_size", 0, "group size must be positive"),
+])
+def test_every_backend_gets_a_checked_layout(field, bad, words):
+    """select_backend checks the layout once, whatever backend is chosen or forced."""
+    from dataclasses import replace
+
+    _, _, _, _, weights = make(16, 64, Scheme(group_size=32), False)
+    for forced in (None, "cpu", "scaled_mm"):
+        with pytest.raises(ValueError, match=words):
+            select_backend(replace(weights, **{field: bad}), "cpu", override=forced)

@@ -9,21 +9,25 @@ Three kinds of checks:
   exponent dropped: 126.6 -> 64.0; Triton 3.6 also loses the sign of -0.0), so under the
   interpreter the kernels use their exact integer RNE emulation (``EMULATE_RNE``), which is
   also what the activation kernel uses on the GPU by default; the GPU's hardware conversion
-  (used for the weight tiles) is checked exhaustively by benchmarks/gpu_check.py.
+  (used for the weight tiles) is checked exhaustively by the GPU tests (tests/test_triton_gpu.py,
+  ``pytest -m gpu``), which share this file's case generators and pass criteria
+  (tests/kernel_cases.py) at GPU-sized shapes.
   Checked: the FP8 rounding, activation quantization and the dequantized weight tiles bit for
   bit; the fused GEMM (both unpack modes, split-K, every group layout, bf16/fp8 group scales,
   static/dynamic, bias, fp16/fp32/3-D inputs), the dequantize + torch._scaled_mm path, and
-  the backend's custom op under torch.compile(fullgraph=True), against
-  ``numerics.reference_linear``.
+  the backend's custom op under torch.compile(fullgraph=True) with the environment resolved at
+  prepare, against ``numerics.reference_linear``.
 * Ahead-of-time compilation for sm_89 / sm_90 / sm_100 with the ptxas that Triton's wheel
   carries (no GPU needed): the kernels compile, use tensor-core MMA, divide with div.rn, and
   do not spill registers.
-* Dispatch: never triton on CPU; VLLM_DPQ_BACKEND=triton on CPU is a clear error; the module
-  imports without triton.
+* Host side: dispatch (never triton on CPU; VLLM_DPQ_BACKEND=triton on CPU is a clear error;
+  the package imports without triton and then says why triton is unavailable), the config
+  table, the environment read once at prepare, the resident layout.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -37,38 +41,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ----------------------------------------------------------------------------- shared helpers
-
-def make(n, k, m, scheme, static, seed=0, dtype=torch.bfloat16):
-    from test_kernels import make as make_case
-
-    return make_case(n, k, scheme, static, seed=seed, m=m, dtype=dtype)
-
-
-def close(y, ref, bias=None):
-    from test_kernels import close as within_one_ulp
-
-    return within_one_ulp(y, ref, bias)
-
-
-def synthetic_weights(n, k, group, scale_dtype, fp8_max=448.0, seed=0):
-    """Random codes and deliberately awkward group scales: some saturate (8 * s_g > fp8_max),
-    some give FP8 subnormals, some hit rounding ties."""
-    from vllm_dpq.kernels.base import W4A8Weights
-    from vllm_dpq.packing import pack_int4
-
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
-    groups = -(-k // group)
-    kind = torch.randint(0, 4, (n, groups), generator=g)
-    s = torch.exp2(torch.empty(n, groups).uniform_(-12, 3, generator=g))
-    s = torch.where(kind == 0, torch.empty(n, groups).uniform_(40, 120, generator=g), s)  # saturating
-    s = torch.where(kind == 1, torch.exp2(torch.empty(n, groups).uniform_(-16, -9, generator=g)), s)  # subnormal
-    s = torch.where(kind == 2, 1.0 + torch.randint(0, 16, (n, groups), generator=g) / 16.0, s)  # ties
-    s = s.to(scale_dtype)
-    s = torch.where(s.float() > 0, s.float(), torch.tensor(2.0**-9)).to(scale_dtype)
-    return W4A8Weights(pack_int4(q), s, torch.tensor([0.5]), None, k, group, fp8_max)
-
+from kernel_cases import (  # tests/kernel_cases.py: shared with tests/test_triton_gpu.py
+    ACT_DTYPES,
+    ACT_SHAPES_SMALL,
+    ACT_STATIC_SCALES,
+    SCALE_DTYPES,
+    TILE_SHAPES_SMALL,
+    UNPACK_MODES,
+    activation_input,
+    activation_mismatch,
+    cast_probe_values,
+    close,
+    gemm_cases_small,
+    make,
+    synthetic_weights,
+    tile_mismatches,
+)
 
 # ----------------------------------------------------------------------------- interpreter side
 # These functions run in a subprocess with TRITON_INTERPRET=1. Each returns a dict with a
@@ -76,23 +64,14 @@ def synthetic_weights(n, k, group, scale_dtype, fp8_max=448.0, seed=0):
 
 def _case_cast() -> dict:
     """fp32 -> e4m3 rounding through the activation kernel (static scale 1: x / 1 is exact)."""
-    from vllm_dpq.kernels import triton_w4a8 as tw
+    from vllm_dpq.kernels import triton as tw
     from vllm_dpq.numerics import FP8_DTYPE
 
-    grid = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
-    grid = grid[torch.isfinite(grid)].unique().sort().values
-    mids = (grid[1:] + grid[:-1]) / 2
-    up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
-    g = torch.Generator().manual_seed(0)
-    rand = torch.cat([torch.randn(4000, generator=g) * 100,
-                      torch.exp2(torch.empty(4000).uniform_(-14, 9, generator=g))
-                      * torch.randn(4000, generator=g).sign(),
-                      torch.empty(2000).uniform_(-2**-6, 2**-6, generator=g)])
-    x = torch.cat([grid, mids, mids.nextafter(up), mids.nextafter(down), rand, torch.tensor([460.0, -1e6, 1e-30])])
+    x = cast_probe_values()
     ref = x.clamp(-448, 448).to(FP8_DTYPE)
     one = torch.ones(1)
     failures = []
-    xq, _ = tw.quantize_activation(x.reshape(1, -1), one, 448.0)
+    xq, _ = tw.quantize_activation_fp8(x.reshape(1, -1), one, 448.0)
     bad = xq.view(torch.uint8) != ref.view(torch.uint8)
     if bad.any():
         failures.append(f"emulated RNE: {int(bad.sum())} of {x.numel()} differ, e.g. {x[bad.reshape(-1)][:5].tolist()}")
@@ -100,97 +79,70 @@ def _case_cast() -> dict:
     xq_native = torch.empty_like(xq)
     sx = torch.empty(1)
     x2 = x.reshape(1, -1).contiguous()
-    tw._kernels()["act_quant"][(1,)](x2, xq_native, sx, one, x.numel(), x.numel(), x2.stride(0), xq_native.stride(0),
-                                     448.0, STATIC=True, BLOCK_K=1024, EMULATE_RNE=False)
+    tw.kernels().act_quant_kernel[(1,)](x2, xq_native, sx, one, x.numel(), x.numel(), x2.stride(0),
+                                        xq_native.stride(0), 448.0, STATIC=True, BLOCK_K=1024, EMULATE_RNE=False)
     native_bad = xq_native.view(torch.uint8) != ref.view(torch.uint8)
     example = None
     if native_bad.any():
         i = int(native_bad.reshape(-1).nonzero()[0])
         example = [float(x[i]), float(xq_native.reshape(-1)[i].float()), float(ref[i].float())]
+    settings = tw.TritonSettings.from_env()
     return {"failures": failures, "n": x.numel(), "native_mismatches": int(native_bad.sum()),
-            "native_example": example, "emulate_under_interpreter": all(tw.rne_modes())}
+            "native_example": example,
+            "emulate_under_interpreter": settings.emulate_act_rne and settings.emulate_weight_rne}
 
 
 def _case_act() -> dict:
-    from vllm_dpq.kernels import triton_w4a8 as tw
-    from vllm_dpq.numerics import quantize_activation
+    from vllm_dpq.kernels import triton as tw
 
     g = torch.Generator().manual_seed(1)
     failures = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        mag = torch.exp2(torch.empty(6, 300).uniform_(-20, 10, generator=g))
-        x = (torch.randn(6, 300, generator=g) * mag)
-        x[1] = 0
-        x[2, :7] = 1e-8  # tiny row head: e4m3 subnormals after scaling
-        x = x.clamp(-6e4, 6e4).to(dtype)
-        for static in (None, torch.tensor([0.05]), torch.tensor([3e-3])):  # small static: saturates
-            for k_out in (300, 304):
-                xq, sx = tw.quantize_activation(x, static, 448.0, k_out=k_out, block_k=128)
-                rq, rs = quantize_activation(x, static, 448.0)
-                rq8 = rq.to(torch.float8_e4m3fn).view(torch.uint8)
-                ok = torch.equal(xq[:, :300].view(torch.uint8), rq8) and bool((xq[:, 300:].float() == 0).all())
-                ok = ok and torch.equal(sx, rs.reshape(-1).expand(6))
-                if not ok:
-                    failures.append(f"act quant {dtype} static={static} k_out={k_out}")
-    x = torch.randn(3, 64).to(torch.bfloat16)
+    for (m, k), dtype in itertools.product(ACT_SHAPES_SMALL, ACT_DTYPES):
+        x = activation_input(m, k, dtype, g)
+        for static in ACT_STATIC_SCALES:
+            s_in = None if static is None else torch.tensor([static])
+            for k_out in (k, k + 4):
+                xq, sx = tw.quantize_activation_fp8(x, s_in, 448.0, k_out=k_out, block_k=128)
+                err = activation_mismatch(xq, sx, x, s_in, 448.0)
+                if err:
+                    failures.append(f"act quant {dtype} static={static} k_out={k_out}: {err}")
+    x = activation_input(3, 64, torch.bfloat16, g)
     for fp8_max in (240.0, 448.0):
-        xq, sx = tw.quantize_activation(x, None, fp8_max)
-        rq, rs = quantize_activation(x, None, fp8_max)
-        if not (torch.equal(xq.float(), rq) and torch.equal(sx, rs.reshape(-1))):
-            failures.append(f"act quant fp8_max={fp8_max}")
+        xq, sx = tw.quantize_activation_fp8(x, None, fp8_max)
+        err = activation_mismatch(xq, sx, x, None, fp8_max)
+        if err:
+            failures.append(f"act quant fp8_max={fp8_max}: {err}")
     return {"failures": failures}
 
 
 def _case_dequant() -> dict:
-    from vllm_dpq.kernels import triton_w4a8 as tw
+    from vllm_dpq.kernels import triton as tw
     from vllm_dpq.numerics import FP8_DTYPE
 
     failures = []
     checked = 0
-    for i, (n, k, group) in enumerate([(24, 72, 32), (40, 100, 64), (40, 256, 128), (24, 100, 100), (16, 200, 64),
-                                       (24, 96, 96)]):
+    for i, (n, k, group) in enumerate(TILE_SHAPES_SMALL):
         for sdt in (torch.bfloat16, FP8_DTYPE):
             for fp8_max in ((448.0, 240.0) if i == 1 else (448.0,)):
                 w = synthetic_weights(n, k, group, sdt, fp8_max, seed=n + k)
-                ref = w.fp8_values().to(FP8_DTYPE).view(torch.uint8)
                 st = tw.prepare_weights(w)
-                for unpack in ("gather", "reshape"):
+                for unpack in UNPACK_MODES:
                     for bk in (32, 64):
                         got = tw.dequantize_weight(st, layout="nk", block_k=bk, block_n=16, unpack=unpack)
                         checked += 1
-                        if not torch.equal(got.view(torch.uint8), ref):
-                            bad = int((got.view(torch.uint8) != ref).sum())
+                        bad = tile_mismatches(got, w)
+                        if bad:
                             failures.append(f"dequant n={n} k={k} g={group} {sdt} max={fp8_max} {unpack} bk={bk}: "
                                             f"{bad} differ")
                 kn = tw.dequantize_weight(st, layout="kn", k_out=k + 5, n_out=n + 3)
-                if not (torch.equal(kn[:k, :n].view(torch.uint8), ref.t()) and (kn[k:].float() == 0).all()
-                        and (kn[:, n:].float() == 0).all()):
+                if tile_mismatches(kn[:k, :n].t(), w) or (kn[k:].float() != 0).any() or (kn[:, n:].float() != 0).any():
                     failures.append(f"dequant kn padded n={n} k={k} g={group}")
     return {"failures": failures, "checked": checked}
 
 
-def _gemm_cases():
-    """A covering design over the brief's matrix: every (N, K, G) with M, scale dtype,
-    activation scheme, weight-scale kind and kernel config rotating; each with and without bias."""
-    from vllm_dpq.kernels.triton_w4a8 import TritonConfig
-
-    configs = [None,  # pick_config (split-K for small M here)
-               TritonConfig(16, 16, 32, unpack="gather"),
-               TritonConfig(16, 32, 64, split_k=2),
-               TritonConfig(16, 64, 128, split_k=4, unpack="gather"),
-               TritonConfig(32, 16, 64, group_m=2)]
-    i = 0
-    for n in (24, 40):
-        for k in (72, 100, 256):
-            for g in (32, 64, -1):
-                yield dict(n=n, k=k, g=g, m=(1, 5)[i % 2], sdt=("bfloat16", "float8_e4m3fn")[(i // 2) % 2],
-                           static=bool((i // 4) % 2), channel=i % 3 == 0, config=configs[i % len(configs)])
-                i += 1
-
-
 def _case_gemm() -> dict:
-    from vllm_dpq.kernels import triton_w4a8 as tw
-    from vllm_dpq.kernels.triton_w4a8 import TritonConfig
+    from vllm_dpq.kernels import triton as tw
+    from vllm_dpq.kernels.triton import TritonConfig
     from vllm_dpq.numerics import Scheme, reference_linear
 
     failures = []
@@ -201,7 +153,7 @@ def _case_gemm() -> dict:
         nonlocal count
         scheme = Scheme(group_size=g, group_scale_dtype=sdt, weight_scale="channel" if channel else "tensor",
                         fp8_max=fp8_max)
-        qw, x, s_x, bias, w = make(n, k, m, scheme, static, seed=count, dtype=dtype)
+        qw, x, s_x, bias, w = make(n, k, scheme, static, seed=count, m=m, dtype=dtype)
         st = tw.TritonBackend().prepare(w)
         for b in (None, bias):
             xx = x.reshape(m, 1, k) if shape3d else x
@@ -214,30 +166,39 @@ def _case_gemm() -> dict:
                 err = (y.reshape(m, n).float() - ref.float()).abs().max().item()
                 failures.append(f"{label} bias={b is not None}: max err {err}")
 
-    for c in _gemm_cases():
+    for c in gemm_cases_small():
         check(f"gemm {c}", c["n"], c["k"], c["g"], c["m"], c["sdt"], c["static"], c["channel"], c["config"])
     # several M tiles with grouped ordering, ragged group with a tile-aligned group size, G % BK == 0
     check("m=37 grouped", 40, 200, 64, 37, config=TritonConfig(16, 16, 32, group_m=2))
-    check("g%bk==0 ragged", 24, 200, 64, 5, "float8_e4m3fn", config=TritonConfig(16, 32, 64))
+    check("g%bk==0 ragged", 24, 200, 64, 5, SCALE_DTYPES[1], config=TritonConfig(16, 32, 64))
     check("g%bk==0 reshape", 24, 256, 128, 5, config=TritonConfig(16, 32, 128, split_k=2))
     check("fp16 out", 24, 100, 32, 5, dtype=torch.float16)
     check("fp32 out", 24, 100, 32, 5, dtype=torch.float32, static=True)
     check("fp8_max 240", 24, 72, 32, 5, fp8_max=240.0)
     check("3-d input", 24, 72, 32, 5, shape3d=True)
     check("dequant path", 40, 100, 32, 9, path="dequant")
-    check("dequant path static fp8", 24, 256, 64, 9, "float8_e4m3fn", static=True, channel=True, path="dequant")
+    check("dequant path static fp8", 24, 256, 64, 9, SCALE_DTYPES[1], static=True, channel=True, path="dequant")
 
-    # TritonBackend.apply goes through one custom op, opaque to torch.compile(fullgraph=True)
+    # TritonBackend.apply goes through one custom op, opaque to torch.compile(fullgraph=True);
+    # the environment is read by prepare only, and reaches the op as arguments
     scheme = Scheme(group_size=32)
-    qw, x, s_x, bias, w = make(40, 100, 5, scheme, False, seed=99)
-    backend = tw.TritonBackend()
-    st = backend.prepare(w)
-    y_op = backend.apply(st, x, bias)
-    compiled = torch.compile(lambda xx, bb: backend.apply(st, xx, bb) * 1, fullgraph=True, backend="eager")
-    y_c = compiled(x, bias)
+    qw, x, s_x, bias, w = make(40, 100, scheme, False, seed=99, m=5)
     ref = reference_linear(x, qw, scheme.fp8_max, s_x, bias)
-    if not (close(y_op, ref, bias) and torch.equal(y_op, tw.linear(st, x, bias)) and torch.equal(y_c, y_op)):
-        failures.append("custom op / torch.compile(fullgraph=True)")
+    backend = tw.TritonBackend()
+    override = tw.TritonConfig(16, 16, 32, 2, 4, 3, unpack="gather")
+    envs = {"plain": ({}, {}), "config": ({tw.ENV_CONFIG: "16,16,32,2,4,3,gather"}, dict(config=override)),
+            "dequant": ({tw.ENV_DEQUANT_M: "1"}, dict(path="dequant"))}
+    for name, (overrides, same_as) in envs.items():
+        os.environ.update(overrides)
+        st = backend.prepare(w)
+        for var in overrides:
+            del os.environ[var]
+        y_op = backend.apply(st, x, bias)
+        compiled = torch.compile(lambda xx, bb: backend.apply(st, xx, bb) * 1, fullgraph=True, backend="eager")
+        y_c = compiled(x, bias)
+        if not (close(y_op, ref, bias) and torch.equal(y_op, tw.linear(st, x, bias, **same_as))
+                and torch.equal(y_c, y_op)):
+            failures.append(f"custom op / torch.compile(fullgraph=True), environment {name}")
     return {"failures": failures, "checked": count}
 
 
@@ -257,7 +218,7 @@ def run_interpreted(case: str) -> dict:
 # ----------------------------------------------------------------------------- pytest side
 
 def _triton_error():
-    from vllm_dpq.kernels.triton_w4a8 import triton_import_error
+    from vllm_dpq.kernels.triton import triton_import_error
 
     return triton_import_error()
 
@@ -295,7 +256,7 @@ def test_interpreter_gemm_matches_reference():
 def _weights(n=16, k=64):
     from vllm_dpq.numerics import Scheme
 
-    return make(n, k, 3, Scheme(group_size=32), False)[4]
+    return make(n, k, Scheme(group_size=32), False, m=3)[4]
 
 
 def test_registered_and_preferred_on_cuda():
@@ -321,7 +282,7 @@ def test_forcing_triton_on_cpu_is_a_clear_error(monkeypatch):
 
 
 def test_unsupported_reasons():
-    from vllm_dpq.kernels.triton_w4a8 import TritonBackend
+    from vllm_dpq.kernels.triton import TritonBackend
 
     b = TritonBackend()
     w = _weights()
@@ -334,7 +295,7 @@ def test_unsupported_reasons():
 def test_imports_without_triton():
     code = ("import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
             "import torch, vllm_dpq.kernels as k\n"
-            "from vllm_dpq.kernels.triton_w4a8 import TritonBackend, triton_import_error\n"
+            "from vllm_dpq.kernels.triton import TritonBackend, triton_import_error\n"
             "assert triton_import_error() is not None\n"
             "from calibration.algorithms import quantize_rtn\nfrom vllm_dpq.numerics import Scheme\n"
             "from vllm_dpq.packing import pack_int4\n"
@@ -342,12 +303,19 @@ def test_imports_without_triton():
             "w = k.W4A8Weights(pack_int4(qw.q), qw.group_scale, qw.weight_scale, None, 32, 32)\n"
             "r = TritonBackend().unsupported(w, torch.device('cuda'))\n"
             "assert 'triton is not importable' in r, r\n"
-            "assert k.select_backend(w, 'cpu').name == 'cpu'\n")
+            "assert k.select_backend(w, 'cpu').name == 'cpu'\n"
+            "for override in (None, 'triton'):\n"
+            "    try:\n"
+            "        k.select_backend(w, 'cuda', override)\n"
+            "    except (RuntimeError, ValueError) as e:\n"
+            "        assert 'triton is not importable' in str(e), e\n"
+            "    else:\n"
+            "        raise AssertionError('triton selected without triton')\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_pick_config_table(monkeypatch):
-    from vllm_dpq.kernels import triton_w4a8 as tw
+    from vllm_dpq.kernels import triton as tw
 
     monkeypatch.delenv(tw.ENV_CONFIG, raising=False)
     for m in (1, 7, 16, 17, 64, 65, 300, 4096):
@@ -359,18 +327,48 @@ def test_pick_config_table(monkeypatch):
             # split-K workspace stays under a quarter of the INT4 weight bytes
             assert c.split_k == 1 or c.split_k * m * n * 4 <= n * k / 2 / 4
     assert tw.pick_config(1, 4096, 4096, 132).split_k > 1  # decode fills the GPU
-    monkeypatch.setenv(tw.ENV_CONFIG, "32,64,128,2,4,3,gather")
-    assert tw.pick_config(1, 64, 64) == tw.TritonConfig(32, 64, 128, 2, 4, 3, unpack="gather")
-    monkeypatch.setenv(tw.ENV_CONFIG, "32,64")
-    with pytest.raises(ValueError, match=tw.ENV_CONFIG):
-        tw.pick_config(1, 64, 64)
     with pytest.raises(ValueError):
         tw.TritonConfig(16, 16, 16)
+    # the table reads no environment: the override is resolved once, by prepare
+    monkeypatch.setenv(tw.ENV_CONFIG, "32,64,128,2,4,3,gather")
+    assert tw.pick_config(1, 64, 64) == tw.pick_config(1, 64, 64, 132)
+    assert tw.pick_config(1, 64, 64).block_m == 16
+
+
+def test_settings_resolved_once_at_prepare(monkeypatch):
+    """VLLM_DPQ_TRITON_CONFIG / _DEQUANT_M / _RNE are read and validated by prepare and kept
+    in the state; changing the environment later changes nothing."""
+    from vllm_dpq.kernels import triton as tw
+
+    for var in (tw.ENV_CONFIG, tw.ENV_DEQUANT_M, tw.ENV_RNE, "TRITON_INTERPRET"):
+        monkeypatch.delenv(var, raising=False)
+    w = _weights()
+    st = tw.TritonBackend().prepare(w)
+    assert st.settings == tw.TritonSettings(None, tw.DEFAULT_DEQUANT_M, True, False)
+    monkeypatch.setenv(tw.ENV_CONFIG, "32,64,128,2,4,3,gather")
+    monkeypatch.setenv(tw.ENV_DEQUANT_M, "64")
+    monkeypatch.setenv(tw.ENV_RNE, "emulate")
+    assert st.settings == tw.TritonSettings(None, tw.DEFAULT_DEQUANT_M, True, False)  # resolved already
+    st = tw.TritonBackend().prepare(w)
+    cfg = tw.TritonConfig(32, 64, 128, 2, 4, 3, unpack="gather")
+    assert st.settings == tw.TritonSettings(cfg, 64, True, True)
+    assert tw.TritonConfig.from_ints(cfg.to_ints()) == cfg  # how the custom op receives it
+    monkeypatch.setenv(tw.ENV_RNE, "hw")
+    assert tw.prepare_weights(w).settings.emulate_act_rne is False
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter's own fp8 conversion is wrong
+    s = tw.prepare_weights(w).settings
+    assert s.emulate_act_rne and s.emulate_weight_rne
+    for var, bad, message in ((tw.ENV_CONFIG, "32,64", tw.ENV_CONFIG), (tw.ENV_CONFIG, "32,64,128,3,4,3", "split_k"),
+                              (tw.ENV_DEQUANT_M, "many", tw.ENV_DEQUANT_M), (tw.ENV_RNE, "fast", tw.ENV_RNE)):
+        with monkeypatch.context() as mp:
+            mp.setenv(var, bad)
+            with pytest.raises(ValueError, match=message):
+                tw.TritonBackend().prepare(w)
 
 
 def test_prepare_layout_and_validation():
     from vllm_dpq.kernels.base import W4A8Weights
-    from vllm_dpq.kernels.triton_w4a8 import prepare_weights
+    from vllm_dpq.kernels.triton import prepare_weights
 
     w = _weights(24, 100)
     st = prepare_weights(w)
@@ -427,15 +425,15 @@ GEMM_SIG = {"xq_ptr": "*fp8e4nv", "sx_ptr": "*fp32", "wq_ptr": "*i32", "sg_ptr":
 @pytest.mark.parametrize("cap,m", [(90, 1), (90, 4096), (89, 64), (100, 256)])
 def test_aot_compile_for_gpus(cap, m):
     """The table's configs compile for the real targets, use FP8 MMA, RNE casts, no spills."""
-    from vllm_dpq.kernels import triton_w4a8 as tw
+    from vllm_dpq.kernels import triton as tw
 
-    ks = tw._kernels()
+    ks = tw.kernels()
     cfg = tw.pick_config(m, 4096, 4096, 132)
     consts = {"GROUP": 32, "PER_CHANNEL": False, "HAS_BIAS": True, "BLOCK_M": cfg.block_m,
               "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SPLIT_K": cfg.split_k, "GROUP_M": cfg.group_m,
               "UNPACK": cfg.unpack, "EMULATE_RNE": False}
     sig = dict(GEMM_SIG, sg_ptr="*fp8e4nv")
-    k = _aot(ks["gemm"], sig, consts, cap, cfg.num_warps, cfg.num_stages)
+    k = _aot(ks.w4a8_gemm_kernel, sig, consts, cap, cfg.num_warps, cfg.num_stages)
     ptx = k.asm["ptx"]
     # weight tiles: the hardware conversion (Triton 3.6 on sm_89 goes through fp16, exact for
     # the at most 11-bit products q * s_g)
@@ -451,15 +449,16 @@ def test_aot_compile_for_gpus(cap, m):
 
 @pytest.mark.skipif(not _nvidia_aot_available(), reason="triton's NVIDIA backend (ptxas, cuobjdump) not available")
 def test_aot_activation_kernel_uses_ieee_division(monkeypatch):
-    from vllm_dpq.kernels import triton_w4a8 as tw
+    from vllm_dpq.kernels import triton as tw
 
     monkeypatch.delenv(tw.ENV_RNE, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     sig = {"x_ptr": "*bf16", "xq_ptr": "*fp8e4nv", "sx_ptr": "*fp32", "s_in_ptr": "*fp32", "K": "i32",
            "K_OUT": "i32", "stride_xm": "i32", "stride_qm": "i32", "fp8_max": "fp32"}
-    assert tw.rne_modes() == (True, False)  # default: activations emulated, weights hardware
+    settings = tw.TritonSettings.from_env()  # default: activations emulated, weights hardware
+    assert (settings.emulate_act_rne, settings.emulate_weight_rne) == (True, False)
     for cap in (89, 90):
-        k = _aot(tw._kernels()["act_quant"], sig, {"STATIC": False, "BLOCK_K": 1024, "EMULATE_RNE": True}, cap)
+        k = _aot(tw.kernels().act_quant_kernel, sig, {"STATIC": False, "BLOCK_K": 1024, "EMULATE_RNE": True}, cap)
         ptx = k.asm["ptx"]
         assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx" not in ptx
         assert "e4m3" not in ptx  # the byte is built with integer ops: no conversion to rely on

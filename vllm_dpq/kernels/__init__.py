@@ -19,7 +19,7 @@ import torch
 from vllm_dpq.kernels.base import Backend, W4A8Weights
 from vllm_dpq.kernels.cpu import CpuBackend
 from vllm_dpq.kernels.scaled_mm import ScaledMMBackend
-from vllm_dpq.kernels.triton_w4a8 import TritonBackend
+from vllm_dpq.kernels.triton import TritonBackend
 
 logger = logging.getLogger("vllm_dpq")
 
