@@ -3,10 +3,14 @@ RTN / GPTQ (FP8-unaware) / DPQ / DPQ+GAR W4A8 with static and dynamic FP8 activa
 
 Each configuration is calibrated by `vllm-dpq quantize` in a fresh process (so its wall time
 and peak RSS are its own), then evaluated with the reference forward:
-  w4a16        the INT4 weight alone (s_w * q * s_g), bf16 GEMM
+  w4a16        the INT4 weight alone (s_w * q * s_g)
   w4a8-static  the served numerics with the checkpoint's static FP8 activation scales
   w4a8-dynamic the served numerics with dynamic per-token FP8 activation scales
-The model runs in bf16 with the CPU backend's GEMM numerics (what vLLM on CPU computes).
+`--dtype bfloat16` (default): calibration forwards in bf16, the model evaluated in bf16 with
+the CPU backend's GEMM numerics (what vLLM on CPU computes). `--dtype float32`: fp32 for the
+calibration forwards, the model and the GEMMs (the FP8 products are exact either way), for
+CPUs without fast bf16 (AVX2 only), where bf16 matmuls are ~40x slower than fp32. Only rows of
+one dtype compare: keep each dtype in its own --out / --work.
 
     python benchmarks/accuracy.py                         # full table, groups 32 and 64
     python benchmarks/accuracy.py --configs rtn,dpq --groups 32 --num-samples 16 --eval-windows 8
@@ -28,8 +32,10 @@ CORPORA = ROOT.parent / "shared" / "data" / "corpora"
 
 CONFIGS = {  # name -> (label, quantize arguments, evaluate w4a16 too)
     "rtn": ("RTN", ["--method", "rtn", "--paper-recipe"], True),
-    "gptq": ("GPTQ (FP8-unaware)", ["--method", "gptq", "--paper-recipe"], True),
-    "gptq-mse": ("GPTQ + mse scales (FP8-unaware)", ["--method", "gptq"], True),
+    "gptq": ("GPTQ (FP8-unaware)", ["--method", "gptq"], True),  # standard GPTQ (gptq.py, AutoGPTQ, INC)
+    "gptq-upfront": ("GPTQ, scales up front (FP8-unaware)", ["--method", "gptq", "--paper-recipe"], True),
+    "gptq-upfront-mse": ("GPTQ, scales up front + mse (FP8-unaware)",
+                         ["--method", "gptq", "--upfront-scales", "--scale-search", "mse"], True),
     "dpq-paper": ("DPQ, paper recipe", ["--method", "dpq", "--paper-recipe"], False),
     "dpq-paper-gar": ("DPQ + GAR, paper recipe", ["--method", "dpq", "--paper-recipe", "--gar"], False),
     "dpq": ("DPQ (ours: nearest codes, mse scales)", ["--method", "dpq"], False),
@@ -38,11 +44,15 @@ CONFIGS = {  # name -> (label, quantize arguments, evaluate w4a16 too)
     "dpq-hfp8": ("DPQ + Hessian of FP8 inputs", ["--method", "dpq", "--hessian-fp8"], False),
     "dpq-channel": ("DPQ + per-channel s_w", ["--method", "dpq", "--weight-scale", "channel"], False),
 }
-DEFAULT = "rtn,gptq,gptq-mse,dpq-paper,dpq,dpq-gar"
+DEFAULT = "rtn,gptq,gptq-upfront-mse,dpq-paper,dpq,dpq-gar"
+DTYPES = ("bfloat16", "float32")
 
 
-def evaluate(ckpt: Path | None, model_dir: Path, windows, mode: str, activations: str | None) -> float:
+def evaluate(ckpt: Path | None, model_dir: Path, windows, mode: str, activations: str | None,
+             dtype: str = "bfloat16") -> float:
     import torch
+
+    dt = getattr(torch, dtype)
 
     from vllm_dpq.evaluate import perplexity
     from vllm_dpq.reference import load_reference_model
@@ -50,21 +60,23 @@ def evaluate(ckpt: Path | None, model_dir: Path, windows, mode: str, activations
     if ckpt is None:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).eval()
     else:
-        model, _ = load_reference_model(ckpt, mode=mode, dtype=torch.bfloat16, activations=activations,
-                                        gemm_dtype=torch.bfloat16)
+        model, _ = load_reference_model(ckpt, mode=mode, dtype=dt, activations=activations, gemm_dtype=dt)
     return perplexity(model, windows)
 
 
 def quantize(model_dir: Path, ckpt: Path, args_q: list[str], group: int, a) -> dict:
-    stats = ckpt.with_suffix(".stats.json")
-    if not (ckpt / "dpq_manifest.json").exists() or not stats.exists():
-        cmd = [sys.executable, "-m", "vllm_dpq.cli", "quantize", str(model_dir), str(ckpt), "--data", str(a.calib_text),
-               "--group-size", str(group), "--activations", "static", "--num-samples", str(a.num_samples),
-               "--seq-len", str(a.seq_len), "--stats-json", str(stats), "--overwrite", *args_q]
+    stats, done = ckpt.with_suffix(".stats.json"), ckpt.with_suffix(".args.json")
+    cmd = [sys.executable, "-m", "vllm_dpq.cli", "quantize", str(model_dir), str(ckpt), "--data", str(a.calib_text),
+           "--group-size", str(group), "--activations", "static", "--num-samples", str(a.num_samples),
+           "--seq-len", str(a.seq_len), "--calib-dtype", a.dtype, "--stats-json", str(stats), "--overwrite", *args_q]
+    # a cached checkpoint is reused only if made by the same command (a method's defaults may change)
+    if not (ckpt / "dpq_manifest.json").exists() or not stats.exists() or \
+            not done.exists() or json.loads(done.read_text()) != cmd[3:]:
         print("+", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)
+        done.write_text(json.dumps(cmd[3:]))
     return json.loads(stats.read_text())
 
 
@@ -75,7 +87,8 @@ def markdown(results: dict, groups: list[int], configs: list[str]) -> str:
            " | ".join(f"g{g} calib s / peak GiB" for g in groups) + " |"
     lines = [head, "|" + "---|" * (1 + len(cols) + 2 * len(groups))]
     bf16 = results.get("bf16")
-    lines.append(f"| BF16 | " + " | ".join(f"{bf16:.2f}" if bf16 else "" for _ in cols) + " | " +
+    fp32 = results.get("setup", {}).get("dtype") == "float32"
+    lines.append(f"| BF16{' (fp32 compute)' if fp32 else ''} | " + " | ".join(f"{bf16:.2f}" if bf16 else "" for _ in cols) + " | " +
                  " | ".join(f"{bf16:.2f}" if bf16 else "" for _ in groups) + " | " + " | ".join("" for _ in groups) + " |")
     for c in configs:
         row = [CONFIGS[c][0]]
@@ -130,6 +143,8 @@ def main() -> int:
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
+                   help="compute dtype of calibration forwards and evaluation (float32 on CPUs without fast bf16)")
     p.add_argument("--work", type=Path, default=ROOT / "results" / "accuracy-ckpts")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "accuracy")
     p.add_argument("--report-only", action="store_true", help="only render OUT.md / OUT.png from OUT.json")
@@ -157,7 +172,9 @@ def main() -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     jpath = a.out.with_suffix(".json")
     results = json.loads(jpath.read_text()) if jpath.exists() else {}
-    results["setup"] = {"model": model_dir.name, "calib_text": a.calib_text.name, "eval_text": a.eval_text.name,
+    if results and results.get("setup", {}).get("dtype", "bfloat16") != a.dtype:
+        p.error(f"{jpath} holds {results['setup'].get('dtype', 'bfloat16')} results: use another --out for {a.dtype}")
+    results["setup"] = {"dtype": a.dtype, "model": model_dir.name, "calib_text": a.calib_text.name, "eval_text": a.eval_text.name,
                         "num_samples": a.num_samples, "seq_len": a.seq_len, "eval_windows": a.eval_windows}
     windows = text_windows(AutoTokenizer.from_pretrained(model_dir), a.eval_text, 512, a.eval_windows)
 
@@ -165,7 +182,7 @@ def main() -> int:
         jpath.write_text(json.dumps(results, indent=1))
 
     if "bf16" not in results:
-        results["bf16"] = evaluate(None, model_dir, windows, "", None)
+        results["bf16"] = evaluate(None, model_dir, windows, "", None, a.dtype)
         save()
     print(f"BF16 PPL {results['bf16']:.3f}", flush=True)
     for g in a.groups:
@@ -181,7 +198,7 @@ def main() -> int:
             for name, mode, act in evals:
                 if name not in r:
                     t = time.perf_counter()
-                    r[name] = evaluate(ckpt, model_dir, windows, mode, act)
+                    r[name] = evaluate(ckpt, model_dir, windows, mode, act, a.dtype)
                     print(f"{key:<18} {name:<13} PPL {r[name]:.3f}  ({time.perf_counter() - t:.0f} s)", flush=True)
                     save()
     md = markdown(results, a.groups, configs)

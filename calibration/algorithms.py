@@ -6,9 +6,12 @@
 differ only in the quantizer ("chain") inside the loop:
   gptq: w -> s_w * q * s_g                      INT4 only; FP8 rounding left to inference
   dpq:  w -> s_w * fp8(clamp(q * s_g))          the whole INT4 -> FP8 chain (DPQ spec section 3)
-Scales are fitted up front on the original weight (the paper's recipe); with
-``refit_scales`` the group scales are refitted on the error-updated weight as the loop
-enters each group (AutoGPTQ-style), which the paper's reference does not do.
+Scale fitting is a per-method default (``METHOD_DEFAULTS``). dpq (and rtn): once, up front,
+on the original weight (the paper's recipe). gptq: standard GPTQ (IST-DASLab gptq.py without
+static_groups, AutoGPTQ, Intel Neural Compressor), i.e. ``refit_scales``: each group's scale
+is fitted when the loop reaches the group, on the error-updated weight as gptq.py sees it
+(``W[:, group]``: the state at the start of the current lazy-update block), with min-max
+scales and rounded codes.
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ MSE_COARSE = torch.arange(60, 106, 5).float() / 100
 MSE_FINE = torch.tensor([-0.04, -0.03, -0.02, -0.01, 0.01, 0.02, 0.03, 0.04])
 CODE_VALUES = torch.arange(-8, 8).float()
 PAPER_RECIPE = dict(scale_search="max", codes="round", refit_scales=False, hessian_fp8=False)
+# what a recipe field left at None means, per method. gptq: the standard GPTQ users know
+METHOD_DEFAULTS = {
+    "rtn": dict(scale_search="mse", codes="nearest", refit_scales=False),
+    "gptq": dict(scale_search="max", codes="round", refit_scales=True),
+    "dpq": dict(scale_search="mse", codes="nearest", refit_scales=False),
+}
 
 
 @dataclass(frozen=True)
@@ -45,15 +54,20 @@ class Recipe:
     order: str = "none"  # none | gar (group-aware reordering) | act (GPTQ act-order, fixed scales)
     damp: float = 0.01
     block_size: int = 128
-    scale_search: str = "mse"  # max: s_g = 2 max|W8|/15 (paper) | mse: best of a grid of shrinks
-    codes: str = "nearest"  # round: q = round(w / s_g) (paper) | nearest: q minimising the chain error
-    refit_scales: bool = False
+    # None: the method's default (METHOD_DEFAULTS)
+    scale_search: str | None = None  # max: s_g = 2 max|W8|/15 (paper) | mse: best of a grid of shrinks
+    codes: str | None = None  # round: q = round(w / s_g) (paper) | nearest: q minimising the chain error
+    refit_scales: bool | None = None  # fit each group's scale as the loop reaches it (standard GPTQ)
     hessian_fp8: bool = False  # Hessian from FP8-quantized inputs (what inference sees)
     fold: str = "none"  # none | vllm: scales in stock vLLM's folded form (compressed-tensors export)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name, value in METHOD_DEFAULTS[self.method].items():
+            if getattr(self, name) is None:  # act-order and the folded target need fixed scales
+                fixed = name == "refit_scales" and (self.order == "act" or self.fold == "vllm")
+                object.__setattr__(self, name, False if fixed else value)
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.scale_search not in SCALE_SEARCHES:
@@ -252,7 +266,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe) -> LayerResu
     starts = torch.ones(k, dtype=torch.bool)
     starts[1:] = group_of[1:] != group_of[:-1]
     sizes = torch.diff(torch.cat([torch.nonzero(starts).flatten(), torch.tensor([k])])).tolist()
-    refit = recipe.refit_scales and g <= recipe.block_size and recipe.order != "act"
+    refit = recipe.refit_scales and recipe.order != "act"
 
     codes = torch.empty(n, k, dtype=torch.int8)
     with single_thread_on_cpu(w.device):  # per-column ops are tiny: threads only add sync cost
@@ -284,9 +298,11 @@ def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, group_of, starts
         for i in range(i2 - i1):
             j = i1 + i
             if refit and starts[j]:
-                cols = slice(i, i + int((group_of[i1:i2] == group_of[j]).sum()))
-                s = chain.group_scale(w1[:, cols].unsqueeze(1), s_w, diag[i1:i2][cols].unsqueeze(0))  # [N, 1]
-                s_g_full[:, i1:i2][:, cols] = s
+                # as gptq.py's find_params(W[:, j:j+g]): from w, not the in-block w1, i.e. the
+                # group's weights as they stood when the current block started
+                cols = slice(j, j + int((group_of == group_of[j]).sum()))
+                s = chain.group_scale(w[:, cols].unsqueeze(1), s_w, diag[cols].unsqueeze(0))  # [N, 1]
+                s_g_full[:, cols] = s
                 s_g[:, group_of[j]] = s.flatten()
             col = w1[:, i]
             q, col_eff = chain(col.unsqueeze(1), s_w, s_g_full[:, j])

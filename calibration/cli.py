@@ -22,17 +22,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", help="folder to write the DPQ checkpoint to")
     p.add_argument("--data", required=True, help="calibration text: file, folder, file.jsonl, or hf:NAME[:CONFIG][:SPLIT]")
     p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text (default: text)")
-    p.add_argument("--method", choices=METHODS, default="dpq", help="dpq (default), gptq (FP8-unaware), rtn")
+    p.add_argument("--method", choices=METHODS, default="dpq",
+                   help="dpq (default), gptq (FP8-unaware; by default standard GPTQ: min-max group scales fitted "
+                        "as the loop reaches each group, rounded codes), rtn")
     p.add_argument("--group-size", type=int, default=32, help="INT4 group size along K; -1 = per channel (default 32)")
     p.add_argument("--gar", action="store_true", help="group-aware reordering (DPQ paper)")
     p.add_argument("--act-order", action="store_true", help="GPTQ activation order (fixed scales; not with --gar)")
     p.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diag (default 0.01)")
     p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block size (default 128)")
-    p.add_argument("--scale-search", choices=SCALE_SEARCHES, default="mse", help="group scales: mse search (default) or max")
-    p.add_argument("--codes", choices=CODES, default="nearest", help="INT4 code choice: nearest chain output (default) or round")
-    p.add_argument("--refit-scales", action="store_true", help="refit group scales as GPTQ updates the weights")
+    p.add_argument("--scale-search", choices=SCALE_SEARCHES, default=None,
+                   help="group scales: mse search (default of dpq, rtn) or max, min-max (default of gptq)")
+    p.add_argument("--codes", choices=CODES, default=None,
+                   help="INT4 code choice: nearest chain output (default of dpq, rtn) or round (gptq: always round)")
+    fit = p.add_mutually_exclusive_group()
+    fit.add_argument("--refit-scales", dest="refit_scales", action="store_const", const=True, default=None,
+                     help="fit each group's scale when the GPTQ loop reaches the group, on the error-updated "
+                          "weights (standard GPTQ; default of gptq)")
+    fit.add_argument("--upfront-scales", dest="refit_scales", action="store_const", const=False,
+                     help="fit every group scale once, before the loop, on the original weight (the DPQ paper's "
+                          "choice, gptq.py's static_groups; default of dpq, and of gptq before standard GPTQ "
+                          "became its default)")
     p.add_argument("--hessian-fp8", action="store_true", help="Hessian from FP8-quantized inputs")
-    p.add_argument("--paper-recipe", action="store_true", help="the paper's recipe: max scales, rounded codes, no refit")
+    p.add_argument("--paper-recipe", action="store_true",
+                   help="the DPQ paper's recipe: max scales, rounded codes, scales up front (overrides the three)")
     p.add_argument("--target", choices=("dpq", "compressed-tensors"), default="dpq",
                    help="compressed-tensors: group 128, per-channel s_w, FP8 group scales, dynamic activations, "
                         "scales fitted in stock vLLM's folded form, so `vllm-dpq export` is exact (docs/INTEROP.md)")

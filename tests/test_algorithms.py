@@ -49,12 +49,37 @@ def test_dpq_with_exact_fp8_is_gptq(monkeypatch, codes):
     """With the FP8 step made exact (identity rounding), DPQ reduces to plain GPTQ."""
     w, _, h = correlated_layer(n=64, k=256)
     scheme = Scheme(group_size=32)
-    gptq = quantize_layer(w, h, Recipe(method="gptq", scheme=scheme, codes=codes))
+    gptq = quantize_layer(w, h, Recipe(method="gptq", scheme=scheme, codes=codes, scale_search="mse",
+                                       refit_scales=False))  # dpq's defaults
     for module in ("calibration.algorithms", "vllm_dpq.numerics"):  # every use of the FP8 rounding
         monkeypatch.setattr(f"{module}.fp8_round", lambda v, fp8_max: v.float())
     dpq = quantize_layer(w, h, Recipe(method="dpq", scheme=scheme, codes=codes))
     assert torch.equal(dpq.qw.q, gptq.qw.q)
     assert torch.equal(dpq.qw.group_scale, gptq.qw.group_scale)
+
+
+def test_recipe_defaults_per_method():
+    """dpq keeps its recipe; gptq defaults to standard GPTQ; explicit values win."""
+    fields = lambda r: (r.scale_search, r.codes, r.refit_scales)  # noqa: E731
+    assert fields(Recipe()) == fields(Recipe(method="dpq")) == ("mse", "nearest", False)
+    assert fields(Recipe(method="rtn")) == ("mse", "nearest", False)
+    assert fields(Recipe(method="gptq")) == ("max", "round", True)
+    assert fields(Recipe(method="gptq", refit_scales=False, scale_search="mse")) == ("mse", "round", False)
+    assert Recipe(method="gptq", order="act").refit_scales is False  # act-order needs fixed scales
+    assert list(Recipe().to_dict()) == ["method", "order", "damp", "block_size", "scale_search", "codes",
+                                        "refit_scales", "hessian_fp8", "fold"]  # DPQ checkpoint configs unchanged
+
+
+def test_refit_uses_block_start_weights():
+    """Standard GPTQ's refit (gptq.py: find_params(W[:, j:j+g])) fits a group that starts inside
+    a block on the weights as they stood at the block start, without the block's earlier updates."""
+    w, _, h = correlated_layer(n=64, k=256)
+    r = quantize_layer(w, h, Recipe(method="gptq", scheme=Scheme(32)))
+    one_block = quantize_layer(w, h, Recipe(method="gptq", scheme=Scheme(32), block_size=32))
+    # block 128: groups 1-3 are fitted on partly updated weights, block 32: on fully updated ones
+    # (fitting on the in-block weights would make the two agree up to float noise)
+    assert torch.equal(r.qw.group_scale[:, 0], one_block.qw.group_scale[:, 0])
+    assert (r.qw.group_scale[:, 1:4] != one_block.qw.group_scale[:, 1:4]).float().mean() > 0.3
 
 
 def test_gar_order_keeps_groups():
