@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import corpus, save_tiny_model_dir
+from conftest import corpus, make_checkpoint, save_tiny_model_dir
 
 CLI = [sys.executable, "-m", "vllm_dpq.cli"]
 
@@ -41,6 +41,18 @@ def test_quantize_and_inspect(tiny_dir, tmp_path):
     # refuses to overwrite without --overwrite
     r = quantize(tiny_dir, out, check=False)
     assert r.returncode != 0 and "exists" in r.stderr
+
+
+@pytest.mark.parametrize("weight_scale,line", [("tensor", "per tensor, power of two"),
+                                               ("channel", "per channel, any positive fp32")])
+def test_inspect_weight_scale_line(tmp_path, capsys, weight_scale, line):
+    """A per-tensor s_w is a power of two (format invariant); a per-channel one need not be."""
+    from vllm_dpq.cli import main
+
+    path, _ = make_checkpoint(tmp_path / "ck", method="rtn", samples=2, weight_scale=weight_scale)
+    assert main(["inspect", str(path)]) == 0
+    (printed,) = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("weight scale")]
+    assert printed.split(None, 2)[2] == line
 
 
 def test_kill_and_resume_is_byte_identical(tiny_dir, tmp_path):

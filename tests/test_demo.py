@@ -6,11 +6,10 @@ later runs reuse ``cache_dir()/SmolLM2-135M-Instruct`` and take ~10 s.
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared/data/corpora/austen_prideprejudice.txt"
+from conftest import corpus
 
 
 @pytest.mark.slow
@@ -48,14 +47,15 @@ def test_demo_model_builds_and_is_sane():
     ids = tok("Hello world", add_special_tokens=False).input_ids
     assert tok.decode(ids) == "Hello world"
 
-    if not CORPUS.is_file():
-        pytest.skip(f"corpus not found: {CORPUS}")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path).to(torch.bfloat16).eval()
-    text = CORPUS.read_text(encoding="utf-8")
+    # the corpus bundled in examples/data (or its shared copy): present in a fresh clone. fp32
+    # compute over the bf16 weights (exact upcast): bf16 matmuls are ~40x slower on AVX2-only CPUs
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    text = corpus("austen_sensesensibility.txt").read_text(encoding="utf-8")
     window = tok(text[:20000], add_special_tokens=False, return_tensors="pt").input_ids[:, :512]
     assert window.shape[1] == 512
     with torch.inference_mode():
         logits = model(window).logits.float()
     nll = torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:])
     ppl = math.exp(nll.item())
-    assert ppl < 60, f"1-window perplexity {ppl:.1f}"
+    print(f"1-window perplexity {ppl:.2f}")
+    assert ppl < 40, f"1-window perplexity {ppl:.1f}"  # 21.9 measured

@@ -152,7 +152,7 @@ def layers():
 
     from calibration.data import calibration_windows
     from conftest import corpus
-    from vllm_dpq.demo import DEMO_MODEL_NAME, cache_dir, is_complete
+    from calibration.demo_model import DEMO_MODEL_NAME, cache_dir, is_complete
 
     path = cache_dir() / DEMO_MODEL_NAME
     if not is_complete(path):

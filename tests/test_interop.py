@@ -10,21 +10,19 @@
   bf16(q * S); vLLM's config parser detects W4A8-FP8 (and, on CPU, finds no scheme);
 - import: compressed-tensors' own compressor writes the checkpoint; without
   ``quantization="dpq"`` the plugin does not claim it; with it vLLM serves it through DPQ
-  (slow test: engine in a subprocess, ``python THIS_FILE CKPT...``).
+  (slow test: engine in a subprocess through tests/engine.py, ``python THIS_FILE JOB.json``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+import engine
 from vllm_dpq.format import read_checkpoint
 import vllm_dpq.interop as ct
 from calibration.folded import FoldedChain
@@ -387,26 +385,22 @@ def test_import_offline_reproduces_stock_vllm(ct_ckpts, tmp_path, name):
 # ----------------------------------------------------------------------------- serving
 
 
-def run_vllm(paths: list[str]) -> list[dict]:
-    """Greedy generation with quantization="dpq" for each checkpoint (one engine at a time), plus
-    the scales the plugin computes with in layer 0's qkv_proj."""
-    import gc
-
-    from vllm import LLM, SamplingParams
+def run_vllm(job: dict) -> list[dict]:
+    """Greedy generation with quantization="dpq" for each checkpoint in job["paths"] (one engine
+    at a time), plus the scales the plugin computes with in layer 0's qkv_proj."""
+    from vllm import SamplingParams
 
     import test_interop  # by module name, so apply_model can pickle ``probe``
 
     results = []
-    for path in paths:
-        llm = LLM(path, quantization="dpq", enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=256,
-                  skip_tokenizer_init=True, dtype="bfloat16")
-        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=1, detokenize=False, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
-        tokens = [list(o.outputs[0].token_ids) for o in outs]
-        logprobs = [[lp[t].logprob for t, lp in zip(toks, o.outputs[0].logprobs)] for toks, o in zip(tokens, outs)]
-        results.append({"tokens": tokens, "logprobs": logprobs, "qkv": llm.apply_model(test_interop.probe)[0]})
-        del llm
-        gc.collect()
+    for path in job["paths"]:
+        with engine.llm(path, quantization="dpq") as llm:
+            params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=1, detokenize=False,
+                                    ignore_eos=True)
+            outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+            tokens = [list(o.outputs[0].token_ids) for o in outs]
+            logprobs = [[lp[t].logprob for t, lp in zip(toks, o.outputs[0].logprobs)] for toks, o in zip(tokens, outs)]
+            results.append({"tokens": tokens, "logprobs": logprobs, "qkv": llm.apply_model(test_interop.probe)[0]})
     return results
 
 
@@ -423,14 +417,9 @@ def test_vllm_serves_compressed_tensors_checkpoints(ct_ckpts, tmp_path):
     from vllm_dpq.reference import load_reference_model
 
     names = list(CT_CHECKPOINTS)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_DPQ_BACKEND": "cpu",
-           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # apply_model
-    env.pop("VLLM_PLUGINS", None)
-    proc = subprocess.run([sys.executable, __file__] + [str(ct_ckpts[n]) for n in names], env=env,
-                          capture_output=True, text=True, timeout=900)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
-    results = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("DPQ_RESULT "))[11:])
+    run = engine.run_engine(__file__, {"paths": [str(ct_ckpts[n]) for n in names]}, tmp_path / "job",
+                            engine.engine_env(backend="cpu", apply_model=True))  # apply_model(probe)
+    results = run.ok()
 
     for name, res in zip(names, results):
         # the plugin computes with stock vLLM's folded scales, bit for bit (merged q, k, v rows)
@@ -471,6 +460,4 @@ def logprob_stats(model, res: dict) -> tuple[float, float, float]:
 
 
 if __name__ == "__main__":
-    # python tests/test_interop.py CKPT [CKPT ...]: serve each with quantization="dpq"
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    print("DPQ_RESULT " + json.dumps(run_vllm(sys.argv[1:])), flush=True)
+    engine.child_main(run_vllm)  # python tests/test_interop.py JOB.json ({"paths": [CKPT, ...]}), quantization="dpq"

@@ -82,14 +82,35 @@ def test_codes_round_once_from_uncast_weight():
 
 
 def test_fp8_round_is_rne_and_saturates():
-    x = torch.tensor([1000.0, -1000.0, 448.0, 0.0, 1.0625, 1.1875, 17.0, 2.0**-10])
+    x = torch.tensor([1000.0, -1000.0, 448.0, 0.0, 1.0625, 1.1875, 17.0, 2.0**-10, 3 * 2.0**-10, -1.0625, 464.0])
     y = fp8_round(x)
     assert y[0] == 448 and y[1] == -448 and y[2] == 448 and y[3] == 0
     assert y[4] == 1.0  # 1.0625 is halfway between 1.0 and 1.125: ties to even (1.0)
     assert y[5] == 1.25  # halfway between 1.125 and 1.25: even mantissa is 1.25
     assert y[6] == 16.0  # 17 halfway between 16 and 18: even -> 16
-    assert y[7] == 0.0 or y[7] == 2.0**-9  # subnormal range
+    assert y[7] == 0.0  # 2^-10 is halfway between 0 and the smallest subnormal 2^-9: even -> 0
+    assert y[8] == 2.0**-8  # 3 * 2^-10 halfway between 2^-9 (odd) and 2^-8 (even mantissa)
+    assert y[9] == -1.0  # ties to even on the negative side too (not away from zero)
+    assert y[10] == 448.0  # above the largest finite value: saturates, never NaN
     assert fp8_round(torch.tensor([300.0]), 240.0).item() == 240.0
+
+
+def test_fp8_round_every_midpoint_ties_to_even():
+    """Every midpoint between two neighbouring e4m3fn values rounds to the one whose code
+    (bit pattern) is even, and anything just off the midpoint to the nearer one: the
+    specification of round-to-nearest-even, written from the bit patterns, not from a cast."""
+    codes = torch.arange(0, 127, dtype=torch.uint8)  # +0 ... 448 (127 is NaN)
+    vals = codes.view(FP8_DTYPE).float()
+    lo, hi = vals[:-1], vals[1:]
+    mid = (lo + hi) / 2  # exact in fp32
+    even = torch.where(codes[:-1] % 2 == 0, lo, hi)
+    for sign in (1.0, -1.0):
+        assert torch.equal(fp8_round(sign * mid), sign * even)
+        below = torch.nextafter(mid, torch.zeros_like(mid))
+        above = torch.nextafter(mid, torch.full_like(mid, 1e9))
+        assert torch.equal(fp8_round(sign * below), sign * lo)
+        assert torch.equal(fp8_round(sign * above), sign * hi)
+        assert torch.equal(fp8_round(sign * vals), sign * vals)  # FP8 values are fixed points
 
 
 @pytest.mark.parametrize("k", [8, 20, 576, 1536, 1])
@@ -118,11 +139,17 @@ def test_group_size_edge_cases(k, g, groups):
     qw = quantize_rtn(w, scheme)
     assert qw.group_scale.shape == (8, groups)
     gs = scheme.group(k)
-    last = w[:, (groups - 1) * gs:] / qw.weight_scale
+    start = (groups - 1) * gs
     # the ragged last group's scale is fitted on its own columns only
-    s_last = compute_group_scales(w[:, (groups - 1) * gs:], qw.weight_scale, Scheme(group_size=-1))
+    s_last = compute_group_scales(w[:, start:], qw.weight_scale, Scheme(group_size=-1))
     assert torch.equal(qw.group_scale[:, -1:].float(), s_last)
-    assert last.shape[1] == k - (groups - 1) * gs
+    # column c belongs to group c // G: the last group holds exactly the k - start leftover columns,
+    # and the codes and effective weights of every column use that column's own group scale
+    owner = torch.arange(k) // gs
+    s_full = qw.group_scale.float()[:, owner]
+    assert torch.equal(expand_groups(qw.group_scale.float(), k, gs), s_full)
+    assert torch.equal(qw.q.float(), torch.round(w / qw.weight_scale / s_full).clamp(-8, 7))
+    assert torch.equal(qw.dequantize(448.0), qw.weight_scale * fp8_round(qw.q.float() * s_full))
 
 
 def test_zero_weight_and_bad_input():

@@ -1,8 +1,8 @@
 """End to end: a tiny random DPQ Llama served by vLLM (CPU, eager) through the plugin, against
 the plain-PyTorch reference forward (``vllm_dpq.reference``).
 
-The engine runs in a subprocess (vLLM on CPU spawns processes): ``python THIS_FILE CKPT``
-prints one ``DPQ_RESULT <json>`` line with vLLM's greedy tokens and their logprobs.
+The engine runs in a subprocess (vLLM on CPU spawns processes) through tests/engine.py:
+``python THIS_FILE JOB.json`` prints one ``DPQ_RESULT <json>`` line with vLLM's greedy tokens and their logprobs.
 A random tiny model's greedy choice can be a near tie, so the test compares logprobs: vLLM's
 chosen token must be (near) the reference's argmax and have (nearly) the same logprob.
 
@@ -15,13 +15,12 @@ the same checkpoint as W4A16 (no FP8) 0.28 / 2.0; the unquantized model 0.92 / 3
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import engine
 
 PROMPTS = [[1, 17, 300, 42, 9], [5, 5, 5, 5, 5, 5, 5, 5], [400, 3, 250, 77], [11, 22, 33, 44, 55, 66], [2, 500],
            [100, 200, 300, 400, 500, 7, 8], [64], [31, 41, 59, 26, 53, 58, 97, 93, 23, 84]]
@@ -91,19 +90,18 @@ def make_checkpoint(path: Path, seed: int = 0, **scheme_kw) -> Path:
     return path
 
 
-def run_vllm(path: str, eager: bool = True) -> dict:
-    """Greedy generation with vLLM; returns {"tokens": [[...]], "logprobs": [[...]]}."""
-    from vllm import LLM, SamplingParams
+def run_vllm(job: dict) -> dict:
+    """Greedy generation with vLLM; returns {"tokens": [[...]], "logprobs": [[...]], "resident_bytes": n}."""
+    from vllm import SamplingParams
 
-    llm = LLM(path, enforce_eager=eager, gpu_memory_utilization=0.3, max_model_len=256,
-              skip_tokenizer_init=True, dtype="bfloat16")
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=1, detokenize=False, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
-    tokens = [list(o.outputs[0].token_ids) for o in outs]
-    logprobs = [[lp[t].logprob for t, lp in zip(toks, o.outputs[0].logprobs)] for toks, o in zip(tokens, outs)]
     from benchmarks.memory import resident_bytes
 
-    resident = sum(sum(r.values()) for r in llm.apply_model(resident_bytes))
+    with engine.llm(job["model"], enforce_eager=job.get("eager", True)) as llm:
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=1, detokenize=False, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        logprobs = [[lp[t].logprob for t, lp in zip(toks, o.outputs[0].logprobs)] for toks, o in zip(tokens, outs)]
+        resident = sum(sum(r.values()) for r in llm.apply_model(resident_bytes))
     return {"tokens": tokens, "logprobs": logprobs, "resident_bytes": resident}
 
 
@@ -126,16 +124,11 @@ def reference_logprobs(path: Path, tokens: list[list[int]]) -> list[torch.Tensor
 def test_vllm_serves_dpq_checkpoint(tmp_path, scheme_name):
     pytest.importorskip("vllm")
     ckpt = make_checkpoint(tmp_path / "ckpt", **SCHEMES[scheme_name])
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_DPQ_BACKEND": "cpu",
-           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # apply_model(resident_bytes); local only
-    env.pop("VLLM_DPQ_CPU_WEIGHTS", None)  # the default: INT4 codes resident
-    env.pop("VLLM_PLUGINS", None)  # an allow-list without "dpq" would skip the plugin silently
-    proc = subprocess.run([sys.executable, __file__, str(ckpt)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
-    assert "DPQ: using backend cpu" in log, log[-5000:]
-    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("DPQ_RESULT "))[11:])
+    # default VLLM_DPQ_CPU_WEIGHTS: INT4 codes resident; apply_model(resident_bytes) needs pickling
+    run = engine.run_engine(__file__, {"model": str(ckpt)}, tmp_path / "job",
+                            engine.engine_env(backend="cpu", apply_model=True), timeout=600)
+    result = run.ok()
+    assert "DPQ: using backend cpu" in run.log, run.log[-5000:]
 
     ref = reference_logprobs(ckpt, result["tokens"])
     gaps, diffs = [], []
@@ -160,5 +153,4 @@ def test_vllm_serves_dpq_checkpoint(tmp_path, scheme_name):
 
 
 if __name__ == "__main__":
-    # python tests/test_plugin_engine.py CKPT [--compile]
-    print("DPQ_RESULT " + json.dumps(run_vllm(sys.argv[1], eager="--compile" not in sys.argv)), flush=True)
+    engine.child_main(run_vllm)  # python tests/test_plugin_engine.py JOB.json ({"model": CKPT[, "eager": false]})

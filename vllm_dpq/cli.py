@@ -31,7 +31,8 @@ def cmd_inspect(args) -> int:
     print(f"  format version   {c.format_version}   (producer: {' '.join(c.producer.values()) or 'unknown'})")
     print(f"  group size       {s.group_size if s.group_size != -1 else 'per channel'}")
     print(f"  fp8_max          {s.fp8_max:g}")
-    print(f"  weight scale     per {s.weight_scale}, power of two")
+    kind = "power of two" if s.weight_scale == "tensor" else "any positive fp32"  # docs/FORMAT.md
+    print(f"  weight scale     per {s.weight_scale}, {kind}")
     print(f"  group scales     {s.group_scale_dtype}")
     print(f"  activations      FP8 {s.activation_scheme}" + (" per tensor" if s.activation_scheme == "static" else " per token"))
     print(f"  algorithm        {c.algorithm}")
