@@ -56,7 +56,7 @@ def test_vllm_dpq_imports_and_runs_with_calibration_unimportable(tmp_path):
     assert len(modules) > 20  # the walk found the package
 
 
-@pytest.mark.parametrize("package", ["vllm_dpq", "calibration"])
+@pytest.mark.parametrize("package", ["vllm_dpq", "calibration", "benchmarks"])
 def test_no_source_file_over_400_lines_without_a_reason(package):
     """Files hold one idea each; a longer one says why at its top (a line starting "Length:")."""
     long = [f"{p.relative_to(ROOT)}: {n} lines" for p in (ROOT / package).rglob("*.py")
