@@ -319,14 +319,12 @@ def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, group_of, starts
 def quantize_rtn(w: torch.Tensor, scheme: Scheme, scale_search: str = "max", codes: str = "round") -> QuantizedWeight:
     """The one RTN: the whole chain with no error feedback (``--method rtn``; max scales and
     rounded codes by default, i.e. DPQ spec section 2 as written)."""
-    if w.ndim != 2:
-        raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or Inf")
-    return Chain(scheme, True, scale_search, codes).rtn(w.float())
+    return quantize_layer(w, None, Recipe(method="rtn", scheme=scheme, scale_search=scale_search, codes=codes)).qw
 
 
 def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe) -> LayerResult:
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf")
     if recipe.method == "rtn":

@@ -76,11 +76,10 @@ def resolve_calib_dtype(name: str, device: str) -> str:
     matmul on an AVX2-only CPU is ~40x slower than fp32)."""
     if name != "auto":
         return name
-    from vllm_dpq.kernels.cpu import native_bf16
+    from vllm_dpq.kernels.cpu import fast_dtype
 
-    native = torch.device(device).type == "cuda" or native_bf16()
-    choice = "bfloat16" if native else "float32"
-    print(f"calibration dtype: {choice} (auto: {'native bf16' if native else 'this CPU has no native bf16'})",
+    choice = str(fast_dtype(device)).removeprefix("torch.")
+    print(f"calibration dtype: {choice} (auto: {'native bf16' if choice == 'bfloat16' else 'no native bf16'})",
           file=sys.stderr)
     return choice
 

@@ -19,12 +19,12 @@ def cpu_engine_defaults() -> dict:
     (see docs/SERVING.md)."""
     import torch
 
-    from vllm_dpq.kernels.cpu import native_bf16
+    from vllm_dpq.kernels.cpu import fast_dtype
 
     if torch.cuda.is_available():
         return {}
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    return {"gpu_memory_utilization": 0.3, **({} if native_bf16() else {"dtype": "float32"})}
+    return {"gpu_memory_utilization": 0.3, **({"dtype": "float32"} if fast_dtype() == torch.float32 else {})}
 
 
 def generate(checkpoint: str, prompts: list[str], max_tokens: int = 64, engine: str = "auto") -> list[str]:

@@ -38,10 +38,10 @@ def cpu_dtype_default(argv: list[str]) -> list[str]:
     for help): there a bf16 matmul is ~40x slower than fp32, in vLLM's own layers too."""
     import torch
 
-    from vllm_dpq.kernels.cpu import native_bf16
+    from vllm_dpq.kernels.cpu import fast_dtype
 
-    if torch.cuda.is_available() or native_bf16() or any(a in ("-h", "--help") or a.startswith("--dtype")
-                                                         for a in argv):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if fast_dtype(device) != torch.float32 or any(a in ("-h", "--help") or a.startswith("--dtype") for a in argv):
         return []
     return ["--dtype", "float32"]
 

@@ -34,11 +34,17 @@ def native_bf16() -> bool:
     return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
+def fast_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """bf16 where the device computes it natively (CUDA; CPUs with AVX512-BF16 or AMX), else
+    fp32: the one rule behind the CPU GEMM dtype, --calib-dtype auto and the CPU serving dtype."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" or native_bf16() else torch.float32
+
+
 def gemm_dtype() -> torch.dtype:
-    """The CPU GEMM dtype: $VLLM_DPQ_CPU_GEMM (auto, bfloat16, float32); auto = bf16 if native."""
+    """The CPU GEMM dtype: $VLLM_DPQ_CPU_GEMM (auto, bfloat16, float32); auto = fast_dtype()."""
     choice = os.environ.get(ENV_GEMM, "auto")
     if choice == "auto":
-        return torch.bfloat16 if native_bf16() else torch.float32
+        return fast_dtype()
     if choice not in GEMM_DTYPES:
         raise ValueError(f"{ENV_GEMM}={choice!r}: choose auto or one of {sorted(GEMM_DTYPES)}")
     return GEMM_DTYPES[choice]
@@ -66,11 +72,11 @@ class CpuBackend(Backend):
         return None if device.type == "cpu" else f"runs on CPU only, not {device.type}"
 
     def prepare(self, w: W4A8Weights) -> CpuState:
-        mode = weight_mode()
+        mode, dtype = weight_mode(), gemm_dtype()
         if mode == "int4":
-            return CpuState(mode, gemm_dtype(), w)
+            return CpuState(mode, dtype, w)
         w8 = w.fp8_values()
-        return CpuState(mode, gemm_dtype(), w.without_weight_data(),
+        return CpuState(mode, dtype, w.without_weight_data(),
                         w8.to(FP8_DTYPE) if mode == "fp8" else w8.to(torch.bfloat16))
 
     def keeps_packed(self, state: CpuState):
