@@ -63,12 +63,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default): bfloat16 on CUDA and on CPUs that compute it natively (AVX512-BF16, AMX), "
                         "else float32")
     p.add_argument("--save-dtype", choices=DTYPES, default="bfloat16", help="dtype of unquantized tensors saved")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors shard written (default 5GB; e.g. 500MB, 2GiB)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last finished layer (same settings)")
     p.add_argument("--stats-json", default=None, help="write wall time, peak RSS and per-layer errors here")
     p.add_argument("--trust-remote-code", action="store_true")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec; the
+    getrusage figure would also count the peak of the process that started this one."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def resolve_calib_dtype(name: str, device: str) -> str:
@@ -113,6 +125,7 @@ def run(args) -> int:
     from calibration.resume import CalibrationState, samples_digest, work_dir_for
     from calibration.writer import save_checkpoint
     from vllm_dpq.format import DPQConfig
+    from vllm_dpq.shards import parse_size
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
@@ -120,6 +133,10 @@ def run(args) -> int:
         recipe = recipe_from_args(args)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    try:
+        max_shard = parse_size(args.max_shard_size)
+    except ValueError as e:
+        raise SystemExit(f"error: --max-shard-size: {e}") from None
     if Path(args.output).exists() and not args.overwrite:
         raise SystemExit(f"error: {args.output} exists (pass --overwrite to replace it)")
     if args.resume and not work_dir_for(args.output).exists():
@@ -131,7 +148,7 @@ def run(args) -> int:
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     samples = calibration_windows(tokenizer, args.data, args.num_samples, args.seq_len, args.seed, args.text_field)
     print(f"loading {args.model}", file=sys.stderr)
-    model = load_model(args.model, DTYPES[args.calib_dtype], args.trust_remote_code)
+    model, weights = load_model(args.model, DTYPES[args.calib_dtype], args.trust_remote_code)
     k_values = sorted({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
     g = recipe.scheme.group_size
     if g != -1 and any(k % g for k in k_values):
@@ -146,16 +163,18 @@ def run(args) -> int:
         "ignore": ignore, "calib_dtype": args.calib_dtype, "batch_size": args.batch_size,
     }
     state = CalibrationState(work_dir_for(args.output), fingerprint)
-    result = calibrate(model, samples, recipe, ignore, args.device, args.batch_size, state=state, resume=args.resume)
-    config = DPQConfig(
+    result = calibrate(model, samples, recipe, ignore, args.device, args.batch_size, state=state, resume=args.resume,
+                       weights=weights)
+    config = DPQConfig(  # the writer replaces ignore by the concrete names it matched
         scheme=recipe.scheme, ignore=ignore, algorithm=recipe.to_dict(),
         calibration={"data": Path(args.data).name if not args.data.startswith("hf:") else args.data,
-                     "num_samples": args.num_samples, "seq_len": args.seq_len, "seed": args.seed},
+                     "num_samples": args.num_samples, "seq_len": args.seq_len, "seed": args.seed,
+                     "ignore": ignore},
     )
     out = save_checkpoint(args.output, model, tokenizer, result, config, DTYPES[args.save_dtype],
-                          args.overwrite or args.resume)
+                          args.overwrite or args.resume, weights.files, max_shard, progress=True)
     state.finish()
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak_gb = peak_rss_bytes() / 2**30
     total = time.perf_counter() - t0
     print(f"wrote {out}: {len(result.layers)} layers quantized in {result.seconds:.0f} s "
           f"(total {total:.0f} s, peak RSS {peak_gb:.2f} GiB)", file=sys.stderr)

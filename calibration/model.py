@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 
 from calibration import CalibrationError
 from vllm_dpq.format import is_ignored
+from vllm_dpq.shards import TensorFileError, TensorFiles
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2")
 
@@ -43,12 +46,106 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """The model from a Hugging Face folder or hub id, on CPU, eval mode."""
+def load_model(path: str, dtype: torch.dtype = torch.float32,
+               trust_remote_code: bool = False) -> tuple[nn.Module, "StreamedWeights"]:
+    """The model's skeleton, eval mode, and its checkpoint's tensors (read lazily).
+
+    No decoder layer is read here: their parameters stay on the meta device until the
+    pipeline calibrates each (``StreamedWeights``). Everything the forward pass runs before
+    the first layer (embeddings, ...) is read now, in dtype; the output embedding never is
+    (calibration does not run it; the writer copies it from the source). Host memory is then
+    bounded by the embeddings plus one decoder layer, whatever the depth."""
     from transformers import AutoModelForCausalLM
 
-    check_supported(path, trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+    config = check_supported(path, trust_remote_code)
+    folder = local_folder(path)
+    try:
+        files = TensorFiles(folder)
+    except TensorFileError as e:
+        raise CalibrationError(f"{e} (the model must be stored as safetensors; pickled .bin weights are never "
+                               "read)") from None
+    with meta_parameters():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+    if (folder / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    weights = StreamedWeights(files)
+    layers = layers_prefix(model) + "."
+    out = model.get_output_embeddings()
+    for name, mod in model.named_modules():
+        if not (name + ".").startswith(layers) and mod is not out:
+            weights.load(mod, f"{name}." if name else "", "cpu", recurse=False)
+    return model, weights
+
+
+def local_folder(path: str) -> Path:
+    """path itself if it is a folder, else a hub id's snapshot (safetensors, configs, tokenizer)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # offline, unknown id, ...: the hub library's many error types
+        raise CalibrationError(f"{path}: not a folder, and the hub download failed ({e})") from None
+
+
+@contextlib.contextmanager
+def meta_parameters():
+    """Modules built inside get their parameters on the meta device (no memory, no init);
+    buffers (rotary tables, embedding scales) are computed as usual."""
+    register = nn.Module.register_parameter
+
+    def to_meta(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+
+    nn.Module.register_parameter = to_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class ResidentWeights:
+    """A model already in memory: a layer moves to the compute device and back."""
+
+    def load(self, module: nn.Module, prefix: str, device, recurse: bool = True) -> None:
+        module.to(device)
+
+    def release(self, module: nn.Module) -> None:
+        module.to("cpu")
+
+
+class StreamedWeights:
+    """Parameters read from the source checkpoint when a module is needed (straight to the
+    compute device, in the skeleton's dtype), and dropped back to the meta device after."""
+
+    def __init__(self, files: TensorFiles):
+        self.files = files
+
+    def load(self, module: nn.Module, prefix: str, device, recurse: bool = True) -> None:
+        for name, p in list(module.named_parameters(recurse=recurse)):
+            full = prefix + name
+            if full not in self.files:
+                raise CalibrationError(f"{self.files.folder}: no tensor {full} in the checkpoint for the model's "
+                                       f"parameter of that name (a checkpoint saved with other names?)")
+            t = self.files[full]
+            if tuple(t.shape) != tuple(p.shape):
+                raise CalibrationError(f"tensor {full}: shape {list(t.shape)} in the checkpoint, the model's config "
+                                       f"expects {list(p.shape)}")
+            _set_parameter(module, name, t.to(device=device, dtype=p.dtype))
+
+    def release(self, module: nn.Module) -> None:
+        for name, p in list(module.named_parameters()):
+            _set_parameter(module, name, torch.empty_like(p, device="meta"))
+
+
+def _set_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module.get_submodule(owner)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -81,7 +178,8 @@ def move_except_layers(model: nn.Module, device: torch.device) -> None:
         if name.startswith(prefix) or name + "." == prefix:
             continue
         for pname, p in list(mod.named_parameters(recurse=False)):
-            p.data = p.data.to(device)
+            if p.device.type != "meta":  # the output embedding of a streamed model
+                p.data = p.data.to(device)
         for bname, b in list(mod.named_buffers(recurse=False)):
             mod._buffers[bname] = b.to(device)
 
@@ -111,9 +209,8 @@ def capture_first_layer_inputs(model: nn.Module, batches: list[torch.Tensor], de
         raise _Stop
 
     move_except_layers(model, device)
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)  # stops before the layer runs
     try:
-        first.to(device)
         with torch.no_grad():
             for ids in batches:
                 try:

@@ -6,13 +6,17 @@ For each decoder layer i, on the compute device alone:
   quantize every Linear of the layer (rtn / gptq / dpq) and put W_eff in its place;
   pass 2: run the quantized layer: its outputs feed layer i+1, and the max |input| of each
           Linear gives the static activation scale s_x = amax / fp8_max.
-Memory: one decoder layer on the device, plus the calibration activations of one layer.
+Memory: one decoder layer on the device, plus the calibration activations of one layer. A
+streamed model (calibration.model.load_model) reads each layer from the source checkpoint
+when it is calibrated and drops it after; with a CalibrationState, each finished layer's
+results go to its work folder and leave memory, so host memory does not grow with depth.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -20,8 +24,11 @@ from torch import nn
 
 from calibration import CalibrationError
 from calibration.algorithms import Recipe, hessian_update, quantize_layer
-from calibration.model import LayerInputs, capture_first_layer_inputs, decoder_layers, layers_prefix, quantizable_linears
+from calibration.model import (
+    LayerInputs, ResidentWeights, capture_first_layer_inputs, decoder_layers, layers_prefix, quantizable_linears,
+)
 from vllm_dpq.numerics import QuantizedWeight, quantize_activation
+from vllm_dpq.shards import trim_heap
 
 logger = logging.getLogger("calibration")
 
@@ -34,7 +41,8 @@ class QuantizedLayer:
 
 @dataclass
 class CalibrationResult:
-    layers: dict[str, QuantizedLayer] = field(default_factory=dict)
+    # in memory, or (with a CalibrationState) read back from its work folder one layer at a time
+    layers: Mapping[str, QuantizedLayer] = field(default_factory=dict)
     layer_errors: list[float] = field(default_factory=list)  # relative output error per decoder layer
     seconds: float = 0.0
 
@@ -131,14 +139,17 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
 
 def calibrate(model: nn.Module, samples: torch.Tensor, recipe: Recipe, ignore: list[str],
               device: str | torch.device = "cpu", batch_size: int = 8, progress: bool = True,
-              state=None, resume: bool = False) -> CalibrationResult:
+              state=None, resume: bool = False, weights=None) -> CalibrationResult:
     """Quantize every Linear inside the decoder layers of model (in place: weights become W_eff).
 
-    state: a calibration.resume.CalibrationState committing each finished layer; with
-    resume=True, continue after its last committed layer."""
+    weights: where the layers' parameters come from (calibration.model.StreamedWeights for a
+    streamed model; default: the model is in memory). state: a calibration.resume.CalibrationState
+    committing each finished layer (its results then live in the work folder, not in memory);
+    with resume=True, continue after its last committed layer."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
+    weights = weights or ResidentWeights()
     t0 = time.perf_counter()
     layers, prefix = decoder_layers(model), layers_prefix(model)
     if not any(quantizable_linears(layer, f"{prefix}.{i}", ignore) for i, layer in enumerate(layers)):
@@ -149,12 +160,8 @@ def calibrate(model: nn.Module, samples: torch.Tensor, recipe: Recipe, ignore: l
     start = 0
     saved = state.load() if state is not None and resume else None
     if saved is not None:
-        done, quantized, result.layer_errors, hidden = saved
+        done, result.layer_errors, hidden = saved
         inputs.hidden = [h.to(device) for h in hidden]
-        for name, (qw, amax) in quantized.items():
-            result.layers[name] = QuantizedLayer(qw, amax)
-            lin = model.get_submodule(name)
-            lin.weight.data = qw.dequantize(recipe.scheme.fp8_max).to(lin.weight.dtype)
         start = done + 1
         logger.warning("resuming after layer %d of %d", done, len(layers))
     elif state is not None:
@@ -162,16 +169,19 @@ def calibrate(model: nn.Module, samples: torch.Tensor, recipe: Recipe, ignore: l
     bar = tqdm(range(start, len(layers)), desc=f"{recipe.method} layers", unit="layer", disable=not progress,
                initial=start, total=len(layers))
     for i in bar:
-        layers[i].to(device)
+        weights.load(layers[i], f"{prefix}.{i}.", device)
         before = set(result.layers)
         err = calibrate_layer(layers[i], f"{prefix}.{i}", inputs, recipe, ignore, result)
-        layers[i].to("cpu")
+        weights.release(layers[i])
+        trim_heap()
         result.layer_errors.append(err)
         if state is not None:
-            state.commit(i, {n: result.layers[n] for n in result.layers.keys() - before}, result.layer_errors,
-                         inputs.hidden)
+            done = {n: result.layers.pop(n) for n in result.layers.keys() - before}
+            state.commit(i, done, result.layer_errors, inputs.hidden)
         if err == err:  # rtn measures no layer error (nan)
             bar.set_postfix(err=f"{err:.4f}")
             logger.info("layer %d: relative output error %.5f", i, err)
+    if state is not None:
+        result.layers = state.layers()
     result.seconds = time.perf_counter() - t0
     return result

@@ -4,7 +4,8 @@ committed layer and writes a checkpoint byte-identical to an uninterrupted run.
 
 Work folder (beside the output, removed once the checkpoint is written):
     fingerprint.json        everything that determines the result (refused if it differs)
-    layer_0000.safetensors  codes, scales and input amax of each Linear of layer 0
+    layer_0000.safetensors  packed codes, scales and input amax of each Linear of layer 0
+                            (the writer reads the checkpoint's quantized tensors from these)
     hidden.safetensors      inputs of the next layer (exact, in the calibration dtype)
     progress.json           {"done": i, "errors": [...]}: written last, the commit point
 Every file is written to a temporary name and renamed, so a kill at any instant leaves the
@@ -18,13 +19,18 @@ import json
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from calibration import CalibrationError
+from calibration.pipeline import QuantizedLayer
+from vllm_dpq.format import GROUP_SCALE, PACKED, WEIGHT_SCALE, layer_tensors
 from vllm_dpq.numerics import QuantizedWeight
+from vllm_dpq.packing import unpack_int4
+from vllm_dpq.shards import TensorFiles
 
 
 class ResumeError(CalibrationError):
@@ -67,11 +73,9 @@ class CalibrationState:
         """Layer `index` is done: its quantized Linears, and the inputs of layer index + 1."""
         tensors = {}
         for name, ql in layers.items():
-            tensors[f"{name}.q"] = ql.qw.q
-            tensors[f"{name}.group_scale"] = ql.qw.group_scale
-            tensors[f"{name}.weight_scale"] = ql.qw.weight_scale
+            tensors.update(layer_tensors(name, ql.qw, None))
             tensors[f"{name}.input_amax"] = torch.tensor([ql.input_amax], dtype=torch.float64)
-            tensors[f"{name}.group_size"] = torch.tensor([ql.qw.group_size])
+            tensors[f"{name}.shape"] = torch.tensor([*ql.qw.shape, ql.qw.group_size])
         _write_tensors(self.folder / f"layer_{index:04d}.safetensors", tensors)
         _write_tensors(self.folder / "hidden.safetensors", {f"{b}": h.cpu() for b, h in enumerate(hidden)})
         _write_json(self.folder / "progress.json", {"done": index, "errors": errors})
@@ -80,8 +84,8 @@ class CalibrationState:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     # ---------------------------------------------------------------- reading
-    def load(self) -> tuple[int, dict[str, tuple[QuantizedWeight, float]], list[float], list[torch.Tensor]] | None:
-        """(last done layer, quantized layers, errors, next inputs), or None if nothing committed."""
+    def load(self) -> tuple[int, list[float], list[torch.Tensor]] | None:
+        """(last done layer, errors, next inputs), or None if nothing committed."""
         fp = self.folder / "fingerprint.json"
         if not fp.exists():
             return None
@@ -92,15 +96,33 @@ class CalibrationState:
         if not progress.exists():
             return None
         p = json.loads(progress.read_text())
-        layers = {}
-        for i in range(p["done"] + 1):
-            t = load_file(str(self.folder / f"layer_{i:04d}.safetensors"))
-            for key in t:
-                if key.endswith(".q"):
-                    name = key[:-2]
-                    qw = QuantizedWeight(t[key], t[f"{name}.group_scale"], t[f"{name}.weight_scale"],
-                                         int(t[f"{name}.group_size"].item()))
-                    layers[name] = (qw, float(t[f"{name}.input_amax"].item()))
         h = load_file(str(self.folder / "hidden.safetensors"))
-        hidden = [h[f"{b}"] for b in range(len(h))]
-        return p["done"], layers, p["errors"], hidden
+        return p["done"], p["errors"], [h[f"{b}"] for b in range(len(h))]
+
+    def layers(self) -> "CommittedLayers":
+        """Every committed layer's results, read from the work folder on access."""
+        done = json.loads((self.folder / "progress.json").read_text())["done"]
+        return CommittedLayers(TensorFiles(self.folder, [self.folder / f"layer_{i:04d}.safetensors"
+                                                         for i in range(done + 1)]))
+
+
+class CommittedLayers(Mapping):
+    """Linear name -> QuantizedLayer, one layer read at a time from the work folder."""
+
+    def __init__(self, files: TensorFiles):
+        self.files = files
+        self.names = sorted(n[: -len(PACKED) - 1] for n in files if n.endswith("." + PACKED))
+
+    def __getitem__(self, name: str):
+        if name not in self.names:
+            raise KeyError(name)
+        t = {s: self.files[f"{name}.{s}"] for s in (PACKED, GROUP_SCALE, WEIGHT_SCALE, "input_amax", "shape")}
+        n, k, g = t["shape"].tolist()
+        qw = QuantizedWeight(unpack_int4(t[PACKED], k), t[GROUP_SCALE], t[WEIGHT_SCALE], g)
+        return QuantizedLayer(qw, float(t["input_amax"].item()))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)

@@ -60,13 +60,14 @@ def _quiet_threads():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def save_tiny_model_dir(path: Path, arch: str = "llama", layers: int = 2, text: str | None = None) -> Path:
+def save_tiny_model_dir(path: Path, arch: str = "llama", layers: int = 2, text: str | None = None,
+                        dtype: torch.dtype = torch.float32, max_shard_size: str = "50GB", **config_kw) -> Path:
     """A tiny random model + a small BPE tokenizer trained here, saved as a HF folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    model = tiny_model(arch, num_hidden_layers=layers)
-    model.save_pretrained(path)
+    model = tiny_model(arch, num_hidden_layers=layers, **config_kw).to(dtype)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"])

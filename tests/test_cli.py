@@ -56,12 +56,15 @@ def test_inspect_weight_scale_line(tmp_path, capsys, weight_scale, line):
 
 
 def test_kill_and_resume_is_byte_identical(tiny_dir, tmp_path):
+    """Sharded output (small shards): the shards, index and manifest are byte-identical too."""
+    shards = ("--max-shard-size", "150KB")
     full = tmp_path / "full"
-    quantize(tiny_dir, full)
+    quantize(tiny_dir, full, *shards)
+    assert len(list(full.glob("model-*-of-*.safetensors"))) >= 3 and (full / "model.safetensors.index.json").exists()
     out = tmp_path / "resumed"
     work = tmp_path / ".resumed.dpq-work"
     cmd = [*CLI, "quantize", str(tiny_dir), str(out), "--data", str(corpus("austen_sensesensibility.txt")),
-           "--num-samples", "16", "--seq-len", "128", "--method", "dpq", "--batch-size", "4"]
+           "--num-samples", "16", "--seq-len", "128", "--method", "dpq", "--batch-size", "4", *shards]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     try:
@@ -75,7 +78,7 @@ def test_kill_and_resume_is_byte_identical(tiny_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert not out.exists(), "an interrupted run must not leave a checkpoint"
-    r = quantize(tiny_dir, out, "--resume")
+    r = quantize(tiny_dir, out, "--resume", *shards)
     assert "resuming after layer" in r.stderr
     assert digest(out) == digest(full)
     assert not work.exists()
@@ -101,6 +104,7 @@ def test_resume_refuses_other_settings(tiny_dir, tmp_path):
     ("bad group", ["--group-size", "0"], "group_size"),
     ("everything ignored", ["--ignore", "re:.*"], "no Linear layer"),
     ("gar and act", ["--gar", "--act-order"], "exclusive"),
+    ("bad shard size", ["--max-shard-size", "lots"], "not a size"),
 ])
 def test_bad_input_fails_clearly(tiny_dir, tmp_path, case, args, message):
     extra = list(args)

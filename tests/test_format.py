@@ -94,6 +94,18 @@ CASES = {
     "manifest missing layer": (lambda t, c, m: m["layers"].pop(L0), "not in dpq_manifest.json"),
     "quant method": (lambda t, c, m: c["quantization_config"].update(quant_method="gptq"), "quant_method"),
     "both weights": (lambda t, c, m: _set(t, f"{L0}.weight", torch.zeros(128, 128)), "both a quantized and an unquantized"),
+    "nan in the embedding": (lambda t, c, m: t["model.embed_tokens.weight"].view(-1)[7].fill_(float("nan")),
+                             "tensor model.embed_tokens.weight: contains NaN or Inf"),
+    "inf in a norm": (lambda t, c, m: t["model.layers.1.post_attention_layernorm.weight"].view(-1)[0].fill_(float("inf")),
+                      "tensor model.layers.1.post_attention_layernorm.weight: contains NaN or Inf"),
+    "hidden_size disagrees": (lambda t, c, m: c.update(hidden_size=256), "tensor model.embed_tokens.weight: shape"),
+    "vocab_size disagrees": (lambda t, c, m: c.update(vocab_size=1024), "tensor model.embed_tokens.weight: shape"),
+    "intermediate_size disagrees": (lambda t, c, m: c.update(intermediate_size=512),
+                                    "layer model.layers.0.mlp.gate_proj: "),
+    "config has a layer more": (lambda t, c, m: c.update(num_hidden_layers=3),
+                                "tensor model.layers.2.self_attn.q_proj.weight: missing"),
+    "config has a layer less": (lambda t, c, m: c.update(num_hidden_layers=1),
+                                "layer model.layers.1.mlp.down_proj: in dpq_manifest.json, not in config.json's model"),
 }
 
 

@@ -27,17 +27,18 @@ PROMPTS = [[1, 17, 300, 42, 9], [5, 5, 5, 5, 5, 5, 5, 5], [400, 3, 250, 77], [11
 MAX_TOKENS = 8
 VOCAB = 512
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SCHEMES = {
+SCHEMES = {  # the second one sharded (model-0000i-of-0000n.safetensors + index), as big models are
     "g32-tensor-bf16-dynamic": dict(group_size=32),
-    "g64-channel-fp8-static": dict(group_size=64, weight_scale="channel", group_scale_dtype="float8_e4m3fn",
-                                   activation_scheme="static"),
+    "g64-channel-fp8-static-sharded": dict(group_size=64, weight_scale="channel", group_scale_dtype="float8_e4m3fn",
+                                           activation_scheme="static", shard_bytes=100_000),
 }
 
 
-def make_checkpoint(path: Path, seed: int = 0, **scheme_kw) -> Path:
+def make_checkpoint(path: Path, seed: int = 0, shard_bytes: int = 10**9, **scheme_kw) -> Path:
     """A random 2-layer Llama (hidden 128) quantized with RTN, written as a DPQ checkpoint."""
-    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vllm_dpq.shards import entries_of, write_shards
 
     from vllm_dpq.format import DPQConfig, layer_tensors, write_manifest
     from calibration.algorithms import quantize_rtn
@@ -85,7 +86,7 @@ def make_checkpoint(path: Path, seed: int = 0, **scheme_kw) -> Path:
     cfg = json.loads((path / "config.json").read_text())
     cfg["quantization_config"] = DPQConfig(scheme=scheme, producer={"name": "vllm-dpq", "version": "test"}).to_dict()
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
-    save_file(tensors, str(path / "model.safetensors"))
+    write_shards(path, entries_of(tensors), shard_bytes)
     write_manifest(path, layers)
     return path
 
@@ -144,10 +145,10 @@ def test_vllm_serves_dpq_checkpoint(tmp_path, scheme_name):
 
     # what vLLM holds is what the checkpoint stores (INT4 codes + scales; bf16 for the rest) plus
     # vLLM's rotary cos/sin cache; an FP8 copy of the quantized weights would add 327,680 bytes
-    from safetensors import safe_open
+    from vllm_dpq.shards import TensorFiles
 
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
-        stored = sum(f.get_tensor(k).nbytes for k in f.keys())
+    stored = sum(info.nbytes for info in TensorFiles(ckpt).info.values())
+    assert (ckpt / "model.safetensors.index.json").exists() == scheme_name.endswith("sharded")
     rotary = 256 * 32 * 4  # max positions x head dim x fp32
     assert stored <= result["resident_bytes"] <= stored + rotary, (result["resident_bytes"], stored)
 

@@ -3,7 +3,8 @@
 A DPQ checkpoint is a Hugging Face model folder:
 - config.json with ``quantization_config`` (see ``DPQConfig``), ``quant_method == "dpq"``;
 - ``dpq_manifest.json``: format version and every quantized layer with its [N, K];
-- ``*.safetensors``: unquantized tensors as usual, and for each quantized layer ``P``:
+- ``*.safetensors`` (one ``model.safetensors``, or shards with ``model.safetensors.index.json``):
+  unquantized tensors as usual, and for each quantized layer ``P``:
     P.weight_packed       int32   [N, ceil(K/8)]   INT4 codes, compressed-tensors layout
     P.weight_group_scale  bf16 or float8_e4m3fn  [N, ceil(K/G)]   s_g (> 0, finite)
     P.weight_scale        fp32    [1] or [N]        s_w (> 0, finite)
@@ -17,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +30,7 @@ import torch
 
 from vllm_dpq.numerics import SCALE_DTYPES, QuantizedWeight, Scheme
 from vllm_dpq.packing import packed_cols, unpack_int4
+from vllm_dpq.shards import TensorFileError, TensorFiles
 
 QUANT_METHOD = "dpq"
 FORMAT_VERSION = 1
@@ -210,25 +213,61 @@ def is_dpq_checkpoint(path: str | os.PathLike) -> bool:
     return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
 
 
-def load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every *.safetensors file in folder (no pickle, ever)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+def load_safetensors(folder: Path) -> TensorFiles:
+    """Every tensor of the folder's *.safetensors files (sharded or not; no pickle, ever),
+    each read from disk when accessed."""
+    if not any(Path(folder).glob("*.safetensors")):
         raise CheckpointError(f"{folder}: no *.safetensors files (DPQ checkpoints never use pickle/.bin)")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            part = load_file(str(f))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{f.name}: cannot read safetensors file ({e})") from None
-        dup = tensors.keys() & part.keys()
-        if dup:
-            raise CheckpointError(f"{f.name}: tensor {sorted(dup)[0]} also stored in another file")
-        tensors.update(part)
-    return tensors
+    try:
+        return TensorFiles(folder)
+    except TensorFileError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def hf_model(path: Path, dtype: torch.dtype = torch.float32, meta: bool = False) -> torch.nn.Module:
+    """The transformers model that config.json describes, without its quantization_config;
+    meta: on the meta device (shapes only, nothing allocated)."""
+    import contextlib
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+
+
+def check_model_shapes(path: Path, layers: Mapping[str, tuple[int, int]], tensors: TensorFiles) -> None:
+    """config.json must describe the stored tensors: every parameter of the model it defines
+    has a tensor of its shape (a quantized layer: its [N, K] in the manifest)."""
+    try:
+        model = hf_model(path, meta=True)
+    except Exception as e:  # an architecture this transformers does not know: nothing to compare
+        logging.getLogger("vllm_dpq").warning("%s: config.json not checked against the tensors (%s)", path, e)
+        return
+    unknown = sorted(layers.keys() - {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    if unknown:
+        raise CheckpointError(f"layer {unknown[0]}: in {MANIFEST}, not in config.json's model (config and tensors "
+                              "disagree)")
+    for name, p in model.named_parameters():
+        prefix, shape = name.removesuffix(".weight"), tuple(p.shape)
+        if prefix in layers:
+            if layers[prefix] != shape:
+                raise CheckpointError(f"layer {prefix}: [N, K] = {list(layers[prefix])} in {MANIFEST}, but "
+                                      f"config.json's model has {list(shape)}: config and tensors disagree")
+        elif name not in tensors:
+            raise CheckpointError(f"tensor {name}: missing (config.json's {model.config.model_type} model has it)")
+        elif tensors.info[name].shape != shape:
+            raise CheckpointError(f"tensor {name}: shape {list(tensors.info[name].shape)}, but config.json's model "
+                                  f"expects {list(shape)}: config and tensors disagree")
+
+
+def check_finite(tensors: TensorFiles, skip: set[str]) -> None:
+    """Every floating tensor (but skip) is finite; one tensor in memory at a time."""
+    for name, info in tensors.info.items():
+        if info.dtype.is_floating_point and name not in skip and not torch.isfinite(tensors[name]).all():
+            raise CheckpointError(f"tensor {name}: contains NaN or Inf ({info.file.name})")
 
 
 @dataclass
@@ -237,7 +276,7 @@ class Checkpoint:
     hf_config: dict[str, Any]
     config: DPQConfig
     layers: dict[str, tuple[int, int]]  # prefix -> (N, K)
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]  # read from disk on access (vllm_dpq.shards.TensorFiles)
 
     def quantized(self, prefix: str) -> QuantizedWeight:
         return to_quantized_weight(prefix, self.tensors, self.layers[prefix][1], self.config.scheme)
@@ -293,6 +332,8 @@ def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
     stray = sorted(n for n in tensors if n.endswith(tuple("." + s for s in QUANT_SUFFIXES)) and n not in known)
     if stray:
         raise CheckpointError(f"tensor {stray[0]}: quantized tensor of a layer not in {MANIFEST}")
+    check_finite(tensors, known)  # the scales were checked with their layers
+    check_model_shapes(path, layers, tensors)
     return Checkpoint(path, hf_config, config, layers, tensors)
 
 

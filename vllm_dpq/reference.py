@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vllm_dpq.format import Checkpoint, read_checkpoint
+from vllm_dpq.format import Checkpoint, hf_model, read_checkpoint
 from vllm_dpq.numerics import QuantizedWeight, expand_groups, w4a8_matmul
 
 MODES = ("w4a8", "w4a16")
@@ -67,12 +67,8 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 def build_model(ckpt: Checkpoint, mode: str = "w4a8", dtype: torch.dtype = torch.float32,
                 activations: str | None = None, gemm_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Instantiate the transformers model of a checkpoint with ReferenceW4A8Linear layers."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(ckpt.path, trust_remote_code=False)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    model = hf_model(ckpt.path, dtype)
+    config = model.config
     scheme = ckpt.config.scheme
     for prefix, (n, k) in ckpt.layers.items():
         try:
