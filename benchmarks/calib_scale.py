@@ -18,8 +18,10 @@ fresh process each, with few calibration windows (memory and per-layer cost, not
          transformers / compressed-tensors: install the `[bench]` extra in a venv of its own
          and point --compare-python at it.
 
-Peak RSS is the child's own maximum resident set (os.wait4's rusage), next to the
-peak_rss_gib the quantize command writes in its --stats-json.
+Peak RSS is the quantize process's own high-water mark (VmHWM, polled); the JSON also keeps
+os.wait4's ru_maxrss and the peak_rss_gib the command writes in its --stats-json, both of
+which start from the launching process's peak (Linux keeps it over exec): this script stays
+small (models are built in a child) so that all three agree.
 
     python benchmarks/calib_scale.py                  # full: depths 4,16,64 x 1024; widths 1024,1536,2048
     python benchmarks/calib_scale.py --quick          # tiny sizes: a smoke run, about 2 minutes on 2 cores
@@ -43,7 +45,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the repository root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.synthetic_model import Shape, build_model, llama_width
+from benchmarks.synthetic_model import Shape, llama_width
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data" / "austen_sensesensibility.txt"
@@ -80,11 +82,17 @@ print("RESULT " + json.dumps({"calibration_seconds": time.perf_counter() - t}), 
 
 
 def run_measured(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> dict:
-    """Run cmd (output to log); its exit code, wall seconds and own peak RSS (os.wait4)."""
+    """Run cmd (output to log); its exit code, wall seconds and peak RSS.
+
+    max_rss_gib is the child's own high-water mark (VmHWM of /proc/PID/status, polled every
+    0.1 s: its address space only). ru_maxrss_gib is os.wait4's, which Linux carries over
+    exec from the parent's address space at the fork: it is at least this process's peak."""
     t0 = time.perf_counter()
+    hwm = 0
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         while True:
+            hwm = max(hwm, _vm_hwm_kib(proc.pid))
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -92,10 +100,18 @@ def run_measured(cmd: list[str], log: Path, timeout: float, env: dict | None = N
                 proc.kill()
                 pid, status, usage = os.wait4(proc.pid, 0)
                 break
-            time.sleep(0.2)
+            time.sleep(0.1)
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-    return {"rc": proc.returncode, "wall_s": time.perf_counter() - t0,
-            "max_rss_gib": usage.ru_maxrss * 1024 / GIB}  # ru_maxrss is in KiB on Linux
+    return {"rc": proc.returncode, "wall_s": time.perf_counter() - t0, "max_rss_gib": hwm * 1024 / GIB,
+            "ru_maxrss_gib": usage.ru_maxrss * 1024 / GIB}  # both in KiB on Linux
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")), 0)
+    except OSError:  # already gone
+        return 0
 
 
 def _child_env() -> dict:
@@ -117,8 +133,20 @@ def sizes(shape: Shape, tokens: int, itemsize: int) -> dict:
             "act_gib": ACT_COPIES * tokens * shape.hidden * itemsize / GIB}
 
 
+def build(shape: Shape, a) -> Path:
+    """The synthetic model, built in a child process: this one stays small, because a child's
+    ru_maxrss (and the peak the quantize command reports) starts from this process's peak."""
+    folder = a.work / _model_name(shape)
+    cmd = [sys.executable, "-m", "benchmarks.synthetic_model", str(folder), "--shape", json.dumps(asdict(shape)),
+           "--data", str(a.data)]
+    m = run_measured(cmd, a.work / f"build-{folder.name}.log", a.timeout, _child_env())
+    if m["rc"] != 0:
+        raise SystemExit(f"building {folder.name} failed: {_error(a.work / f'build-{folder.name}.log', m['rc'])}")
+    return folder
+
+
 def quantize_run(sweep: str, shape: Shape, a) -> dict:
-    model = build_model(a.work / _model_name(shape), shape, a.data)
+    model = build(shape, a)
     out = a.work / "ckpt"
     stats, log = a.work / "stats.json", a.work / f"{sweep}-{_model_name(shape)}.log"
     stats.unlink(missing_ok=True)
@@ -133,13 +161,14 @@ def quantize_run(sweep: str, shape: Shape, a) -> dict:
     dtype = next((ln.split()[2] for ln in log.read_text(errors="replace").splitlines()
                   if ln.startswith("calibration dtype: ")), a.calib_dtype)
     run = {"sweep": sweep, "shape": asdict(shape), "calib_dtype": dtype, "wall_s": m["wall_s"],
-           "child_max_rss_gib": m["max_rss_gib"],
+           "peak_rss_gib": m["max_rss_gib"], "ru_maxrss_gib": m["ru_maxrss_gib"],
            **sizes(shape, a.num_samples * a.seq_len, ITEMSIZE.get(dtype, 2))}
     if m["rc"] != 0 or not stats.exists():
+        run.pop("peak_rss_gib")
         return {**run, "error": _error(log, m["rc"])}
     s = json.loads(stats.read_text())
     return {**run, "calibration_s": s["calibration_seconds"], "total_s": s["total_seconds"],
-            "stats_peak_rss_gib": s["peak_rss_gib"], "peak_rss_gib": max(m["max_rss_gib"], s["peak_rss_gib"])}
+            "stats_peak_rss_gib": s["peak_rss_gib"]}
 
 
 def llmcompressor_run(shape: Shape, a) -> dict:
@@ -147,7 +176,7 @@ def llmcompressor_run(shape: Shape, a) -> dict:
     probe = subprocess.run([a.compare_python, "-c", "import llmcompressor, datasets"], capture_output=True)
     if probe.returncode != 0:
         return {"error": "not installed"}
-    model = build_model(a.work / _model_name(shape), shape, a.data)
+    model = build(shape, a)
     spec = {"model": str(model), "data": str(a.data), "num_samples": a.num_samples, "seq_len": a.seq_len}
     runner, log = a.work / "llmc_runner.py", a.work / f"llmcompressor-{_model_name(shape)}.log"
     runner.write_text(LLMC_RUNNER)

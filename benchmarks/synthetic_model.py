@@ -166,3 +166,21 @@ def build_model(folder: str | os.PathLike, shape: Shape, text_file: str | os.Pat
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write a synthetic random model folder (see the module doc).")
+    p.add_argument("folder")
+    p.add_argument("--shape", required=True, help="the Shape fields as JSON")
+    p.add_argument("--data", required=True, help="text to train the tokenizer on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-shard-bytes", type=int, default=1 << 30)
+    a = p.parse_args(argv)
+    print(build_model(a.folder, Shape(**json.loads(a.shape)), a.data, a.seed, a.max_shard_bytes))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
