@@ -23,7 +23,7 @@ os.wait4's ru_maxrss and the peak_rss_gib the command writes in its --stats-json
 which start from the launching process's peak (Linux keeps it over exec): this script stays
 small (models are built in a child) so that all three agree.
 
-    python benchmarks/calib_scale.py                  # full: depths 4,16,64 x 1024; widths 1024,1536,2048
+    python benchmarks/calib_scale.py                  # full: depths 4,16,64 x 512; widths 1024,1536,2048 x 26
     python benchmarks/calib_scale.py --quick          # tiny sizes: a smoke run, about 2 minutes on 2 cores
     python benchmarks/calib_scale.py --widths 256 --depths 4,16 --depth-width 256 --width-layers 4
 
@@ -152,7 +152,8 @@ def quantize_run(sweep: str, shape: Shape, a) -> dict:
     stats.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "vllm_dpq.cli", "quantize", str(model), str(out), "--data", str(a.data),
            "--method", "dpq", "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len),
-           "--calib-dtype", a.calib_dtype, "--stats-json", str(stats), "--overwrite"]
+           "--calib-dtype", a.calib_dtype, "--stats-json", str(stats), "--overwrite",
+           *(["--device", a.device] if a.device else [])]
     print(f"{sweep}: quantizing {_model_name(shape)} ({shape.params() / 1e9:.3f}B parameters)", flush=True)
     m = run_measured(cmd, log, a.timeout, _child_env())
     shutil.rmtree(out, ignore_errors=True)
@@ -196,30 +197,43 @@ TERMS = ("const", "layer_gib", "model_gib")
 
 
 def fit_formula(runs: list[dict]) -> dict | None:
-    """Least squares of peak - ACT_COPIES * activations on [1, layer GiB, model GiB]; a term the
-    runs cannot separate (too few distinct points) is dropped, last first."""
+    """Least squares of peak - ACT_COPIES * activations on [1, layer GiB, model GiB], the two
+    slopes non-negative (a memory cost cannot be negative): the best fit over the subsets of
+    slopes that the runs can separate (full rank) and that come out >= 0; a dropped term is 0."""
+    import itertools
+
     import numpy as np
 
-    ok = [r for r in runs if "peak_rss_gib" in r]
+    ok = list({json.dumps(r["shape"], sort_keys=True): r for r in runs if "peak_rss_gib" in r}.values())  # a model once
     y = np.array([r["peak_rss_gib"] - r["act_gib"] for r in ok])
-    for n in range(len(TERMS), 0, -1):
-        x = np.array([[1.0 if t == "const" else r[t] for t in TERMS[:n]] for r in ok]).reshape(len(ok), n)
-        if len(ok) >= n and np.linalg.matrix_rank(x) == n:
+    best = None
+    for n in range(len(TERMS) - 1, -1, -1):
+        for slopes in itertools.combinations(TERMS[1:], n):
+            terms = ("const", *slopes)
+            x = np.array([[1.0 if t == "const" else r[t] for t in terms] for r in ok]).reshape(len(ok), len(terms))
+            if len(ok) < len(terms) or np.linalg.matrix_rank(x) < len(terms):
+                continue
             coef = np.linalg.lstsq(x, y, rcond=None)[0]
-            resid = float(np.abs(x @ coef - y).max())
-            return {"terms": list(TERMS[:n]), "coef": [float(c) for c in coef], "max_residual_gib": resid}
-    return None
+            if (coef[1:] < 0).any():
+                continue
+            err = np.abs(x @ coef - y).max()
+            if best is None or err < best[0] - 1e-9:
+                best = (float(err), dict(zip(terms, (float(c) for c in coef))))
+    if best is None:
+        return None
+    return {"coef": {t: best[1].get(t, 0.0) for t in TERMS}, "max_residual_gib": best[0], "points": len(ok)}
 
 
 def predict(fit: dict, shape: Shape, tokens: int, itemsize: int) -> float:
     s = sizes(shape, tokens, itemsize)
-    return sum(c * (1.0 if t == "const" else s[t]) for t, c in zip(fit["terms"], fit["coef"])) + s["act_gib"]
+    return sum(c * (1.0 if t == "const" else s[t]) for t, c in fit["coef"].items()) + s["act_gib"]
 
 
 def formula_text(fit: dict) -> str:
-    names = {"const": "", "layer_gib": " * layer", "model_gib": " * model"}
-    return "peak GiB ~= " + " + ".join(f"{c:.3f}{names[t]}" for t, c in zip(fit["terms"], fit["coef"])) + \
-        f" + {ACT_COPIES} * activations (layer, model: bf16 GiB; max residual {fit['max_residual_gib']:.3f} GiB)"
+    c = fit["coef"]
+    return (f"peak GiB ~= {c['const']:.3f} + {c['layer_gib']:.3f} * layer + {c['model_gib']:.3f} * model + "
+            f"{ACT_COPIES} * activations (layer, model: bf16 GiB; {fit['points']} models, max residual "
+            f"{fit['max_residual_gib']:.3f} GiB)")
 
 
 def depth_check(runs: list[dict]) -> dict | None:
@@ -251,13 +265,14 @@ def markdown(results: dict) -> str:
                 f"(target <= {dc['target']:.2f}): {'PASS' if dc['pass'] else 'FAIL'}\n")
     cmp = results.get("compare")
     if cmp:
-        ours = cmp["vllm_dpq_s"]
-        theirs = cmp["llmcompressor"]
-        cell = theirs["error"] if "error" in theirs else f"{theirs['calibration_seconds']:.1f}"
-        ratio = f"{ours / theirs['calibration_seconds']:.2f}" if "error" not in theirs else ""
-        out += (f"\n| calibration of {cmp['model']} | seconds | vllm-dpq / llm-compressor (goal <= 1.0) |\n"
-                f"|---|---|---|\n| vllm-dpq DPQ | {ours:.1f} | {ratio} |\n"
-                f"| llm-compressor GPTQ (W4 g32) | {cell} | |\n")
+        ours, theirs = cmp["vllm_dpq"], cmp["llmcompressor"]
+        ratio = f"{ours['calibration_s'] / theirs['calibration_seconds']:.2f}" if "error" not in theirs else ""
+        cells = theirs["error"] + " | |" if "error" in theirs else \
+            f"{theirs['calibration_seconds']:.1f} | {theirs['wall_s']:.1f} | {theirs['peak_rss_gib']:.2f}"
+        out += (f"\n| calibration of {cmp['model']} | calibration s | process wall s | peak RSS GiB |\n"
+                f"|---|---|---|---|\n| vllm-dpq DPQ | {ours['calibration_s']:.1f} | {ours['wall_s']:.1f} "
+                f"| {ours['peak_rss_gib']:.2f} |\n| llm-compressor GPTQ (W4 g32) | {cells} |\n"
+                f"\nCalibration time, vllm-dpq / llm-compressor: {ratio or 'n/a'} (goal <= 1.0)\n")
     fit = results.get("fit")
     if fit:
         out += f"\nHost RAM formula, fitted on the runs above: {formula_text(fit)}\n\n" \
@@ -337,12 +352,13 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", type=_ints, default=[4, 16, 64], help="decoder layers of the depth sweep")
-    p.add_argument("--depth-width", type=int, default=1024, help="hidden size of the depth sweep")
+    p.add_argument("--depth-width", type=int, default=512, help="hidden size of the depth sweep")
     p.add_argument("--widths", type=_ints, default=[1024, 1536, 2048], help="hidden sizes of the width sweep")
     p.add_argument("--width-layers", type=int, default=26, help="decoder layers of the width sweep")
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--calib-dtype", default="auto", help="passed to vllm-dpq quantize")
+    p.add_argument("--device", default=None, help="passed to vllm-dpq quantize (default: its own)")
     p.add_argument("--data", type=Path, default=DATA, help="calibration text")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (overrides the sizes above)")
     p.add_argument("--work", type=Path, default=ROOT / "results" / "calib-scale-work",
@@ -363,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         a.depths, a.depth_width, a.widths, a.width_layers, a.num_samples, a.seq_len = [2, 6], 128, [128, 256], 2, 4, 64
     a.work.mkdir(parents=True, exist_ok=True)
     setup = {k: v for k, v in vars(a).items() if k in ("depths", "depth_width", "widths", "width_layers",
-                                                       "num_samples", "seq_len", "calib_dtype")}
+                                                       "num_samples", "seq_len", "calib_dtype", "device")}
     results = {"setup": {**setup, "tokens": a.num_samples * a.seq_len, "data": a.data.name,
                          "cpu_count": os.cpu_count()}, "runs": []}
     plan = [("depth", llama_width(a.depth_width, d)) for d in a.depths] + \
@@ -383,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = llama_width(a.depth_width, min(a.depths))
         ours = next(r for r in results["runs"] if r["sweep"] == "depth" and r["shape"] == asdict(shape))
         if "calibration_s" in ours:
-            results["compare"] = {"model": _model_name(shape), "vllm_dpq_s": ours["calibration_s"],
-                                  "llmcompressor": llmcompressor_run(shape, a)}
+            results["compare"] = {"model": _model_name(shape), "llmcompressor": llmcompressor_run(shape, a),
+                                  "vllm_dpq": {k: ours[k] for k in ("calibration_s", "wall_s", "peak_rss_gib")}}
     print(write(results, a.out_dir))
     return 0
 

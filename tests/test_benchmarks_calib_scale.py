@@ -85,29 +85,30 @@ def _fake_run(sweep, shape, peak_of):
 
 
 def test_report_fits_the_formula_and_checks_depth(tmp_path):
-    from benchmarks.calib_scale import REFERENCE_MODELS, main, sizes, write
+    from benchmarks.calib_scale import REFERENCE_MODELS, fit_formula, main, sizes, write
     from benchmarks.synthetic_model import llama_width
 
     def today(r):  # a made-up machine: whole model resident
         return 0.5 + 3.0 * r["layer_gib"] + 1.2 * r["model_gib"] + r["act_gib"]
 
-    shapes = [("depth", llama_width(256, d)) for d in (4, 16, 64)] + [("width", llama_width(w, 8)) for w in (256, 512, 1024)]
+    shapes = [("depth", llama_width(256, d)) for d in (4, 16, 64)] + [("width", llama_width(w, 4)) for w in (256, 512, 1024)]
     runs = [_fake_run(s, sh, today) for s, sh in shapes]
     runs.append({**runs[-1], "sweep": "width", "error": "exit code 1: MemoryError"})
     for k in ("calibration_s", "peak_rss_gib"):
         runs[-1].pop(k)
     results = {"setup": {"tokens": 1024}, "runs": runs,
-               "compare": {"model": "m", "vllm_dpq_s": 5.0, "llmcompressor": {"error": "not installed"}}}
+               "compare": {"model": "m", "vllm_dpq": {"calibration_s": 5.0, "wall_s": 9.0, "peak_rss_gib": 1.0},
+                           "llmcompressor": {"error": "not installed"}}}
     md = write(results, tmp_path)
-    assert results["fit"]["terms"] == ["const", "layer_gib", "model_gib"]
-    assert results["fit"]["coef"] == pytest.approx([0.5, 3.0, 1.2], rel=1e-6)
+    assert results["fit"]["coef"] == pytest.approx({"const": 0.5, "layer_gib": 3.0, "model_gib": 1.2}, rel=1e-6)
+    assert results["fit"]["points"] == 5  # the model in both sweeps counts once, the failed run not at all
     llama = REFERENCE_MODELS["Llama-3-70B"]
     s = sizes(llama, 128 * 512, 2)
     assert results["predictions"]["Llama-3-70B"]["peak_rss_gib"] == pytest.approx(
         0.5 + 3.0 * s["layer_gib"] + 1.2 * s["model_gib"] + s["act_gib"])
     dc = results["depth_check"]
     assert (dc["shallow"], dc["deep"], dc["pass"]) == (4, 64, False) and dc["ratio"] > 1.1
-    assert "64 layers / 4 layers" in md and "FAIL" in md and "not installed" in md and "failed: exit code 1" in md
+    assert "64 layers / 4 layers" in md and "FAIL" in md and "| llm-compressor GPTQ (W4 g32) | not installed | |" in md and "failed: exit code 1" in md
     assert "Llama-3-70B" in md and "Qwen2.5-72B" in md and "0.500 + 3.000 * layer + 1.200 * model" in md
     assert json.loads((tmp_path / "calib_scale.json").read_text())["table"] == md
     assert (tmp_path / "calib_scale.md").read_text() == md
@@ -118,11 +119,17 @@ def test_report_fits_the_formula_and_checks_depth(tmp_path):
         return 0.6 + 4.0 * r["layer_gib"] + r["act_gib"]
 
     results = {"setup": {"tokens": 1024}, "runs": [_fake_run(s, sh, streamed) for s, sh in shapes],
-               "compare": {"model": "m", "vllm_dpq_s": 5.0,
+               "compare": {"model": "m", "vllm_dpq": {"calibration_s": 5.0, "wall_s": 9.0, "peak_rss_gib": 1.0},
                            "llmcompressor": {"calibration_seconds": 10.0, "wall_s": 12.0, "peak_rss_gib": 1.0}}}
     (tmp_path / "calib_scale.json").write_text(json.dumps(results))
     assert main(["--report-only", "--out-dir", str(tmp_path)]) == 0  # re-rendered from the JSON
     md = (tmp_path / "calib_scale.md").read_text()
-    assert "PASS" in md and "| vllm-dpq DPQ | 5.0 | 0.50 |" in md
+    assert "PASS" in md and "| llm-compressor GPTQ (W4 g32) | 10.0 | 12.0 | 1.00 |" in md
+    assert "vllm-dpq / llm-compressor: 0.50 (goal <= 1.0)" in md
     fit = json.loads((tmp_path / "calib_scale.json").read_text())["fit"]
-    assert fit["coef"] == pytest.approx([0.6, 4.0, 0.0], abs=1e-6)
+    assert fit["coef"] == pytest.approx({"const": 0.6, "layer_gib": 4.0, "model_gib": 0.0}, abs=1e-6)
+
+    noisy = [_fake_run(s, sh, lambda r: 0.6 + 4.0 * r["layer_gib"] + r["act_gib"]) for s, sh in shapes]
+    noisy[2]["peak_rss_gib"] -= 0.05  # the deepest model measured lower: a negative slope is not fitted
+    fit = fit_formula(noisy)
+    assert fit["coef"]["model_gib"] == 0.0 and fit["coef"]["layer_gib"] > 0
