@@ -24,7 +24,7 @@ which start from the launching process's peak (Linux keeps it over exec): this s
 small (models are built in a child) so that all three agree.
 
     python benchmarks/calib_scale.py                  # full: depths 4,16,64 x 512; widths 1024,1536,2048 x 26
-    python benchmarks/calib_scale.py --quick          # tiny sizes: a smoke run, about 2 minutes on 2 cores
+    python benchmarks/calib_scale.py --quick          # tiny sizes: a smoke run of a few minutes
     python benchmarks/calib_scale.py --widths 256 --depths 4,16 --depth-width 256 --width-layers 4
 
 Writes OUT_DIR/calib_scale.json (after every run), .md and .png and prints the table.
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         print(write(json.loads((a.out_dir / "calib_scale.json").read_text()), a.out_dir))
         return 0
     if a.quick:
-        a.depths, a.depth_width, a.widths, a.width_layers, a.num_samples, a.seq_len = [2, 6], 128, [128, 256], 2, 4, 64
+        a.depths, a.depth_width, a.widths, a.width_layers, a.num_samples, a.seq_len = [1, 3], 64, [64, 128], 1, 4, 32
     a.work.mkdir(parents=True, exist_ok=True)
     setup = {k: v for k, v in vars(a).items() if k in ("depths", "depth_width", "widths", "width_layers",
                                                        "num_samples", "seq_len", "calib_dtype", "device")}
