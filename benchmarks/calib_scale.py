@@ -6,22 +6,19 @@ fresh process each, with few calibration windows (memory and per-layer cost, not
   depth  one width (--depth-width) at --depths decoder layers. Target: peak RSS at the deepest
          within 10% of the shallowest (holds only once calibration streams layers from disk).
   width  --widths at --width-layers layers (default up to a 1.55B-parameter model): peak RSS
-         against the largest decoder layer's bytes, and the fitted formula
-             peak GiB ~= a + b * layer GiB + d * model GiB + 2 * activation GiB
-         (layer, model: bf16 bytes; activation: tokens x hidden x calibration-dtype bytes, the
-         layer's inputs and its reference outputs, both held for all windows: counted, not
-         fitted, too small to measure at these sample counts), evaluated for Llama-3-70B and
-         Qwen2.5-72B at the CLI's default 128 x 512 tokens.
+         against the largest decoder layer's bytes, and the formula fitted on all runs,
+         peak GiB ~= a + b * layer GiB + d * model GiB + 2 * activation GiB (bf16 bytes; the
+         activations, tokens x hidden x calibration-dtype bytes held twice for all windows, are
+         counted, too small to fit here), for Llama-3-70B and Qwen2.5-72B at 128 x 512 tokens.
   compare calibration time of llm-compressor's GPTQ (W4, group 32, lm_head kept) on the
          depth sweep's shallowest model, same windows, same machine, same run; "not installed"
          when `llmcompressor` does not import in --compare-python. llmcompressor pins its own
          transformers / compressed-tensors: install the `[bench]` extra in a venv of its own
          and point --compare-python at it.
 
-Peak RSS is the quantize process's own high-water mark (VmHWM, polled); the JSON also keeps
-os.wait4's ru_maxrss and the peak_rss_gib the command writes in its --stats-json, both of
-which start from the launching process's peak (Linux keeps it over exec): this script stays
-small (models are built in a child) so that all three agree.
+Peak RSS is the quantize process's own high-water mark (VmHWM, polled). The JSON also keeps
+os.wait4's ru_maxrss and the command's --stats-json peak_rss_gib, which start from the
+launcher's peak (Linux keeps it over exec): models are built in a child to keep this one small.
 
     python benchmarks/calib_scale.py                  # full: depths 4,16,64 x 512; widths 1024,1536,2048 x 26
     python benchmarks/calib_scale.py --quick          # tiny sizes: a smoke run of a few minutes
@@ -179,10 +176,9 @@ def llmcompressor_run(shape: Shape, a) -> dict:
         return {"error": "not installed"}
     model = build(shape, a)
     spec = {"model": str(model), "data": str(a.data), "num_samples": a.num_samples, "seq_len": a.seq_len}
-    runner, log = a.work / "llmc_runner.py", a.work / f"llmcompressor-{_model_name(shape)}.log"
-    runner.write_text(LLMC_RUNNER)
+    log = a.work / f"llmcompressor-{_model_name(shape)}.log"
     print(f"compare: llm-compressor GPTQ on {_model_name(shape)}", flush=True)
-    m = run_measured([a.compare_python, str(runner), json.dumps(spec)], log, a.timeout, _child_env())
+    m = run_measured([a.compare_python, "-c", LLMC_RUNNER, json.dumps(spec)], log, a.timeout, _child_env())
     line = next((ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("RESULT ")), None)
     if m["rc"] != 0 or line is None:
         return {"error": _error(log, m["rc"])}
@@ -298,10 +294,8 @@ def plot(results: dict, path: Path) -> None:
         ax1.axhline(depth[0]["peak_rss_gib"] * DEPTH_TARGET, color="g", linestyle="--",
                     label=f"target: {DEPTH_TARGET:.2f} x shallowest")
         ax1.set_xscale("log", base=2)
-        ax1.set_title(f"depth scaling, hidden {depth[0]['shape']['hidden']}")
-        ax1.set_xlabel("decoder layers")
-        ax1.set_ylabel("peak RSS GiB")
-        ax1.set_ylim(bottom=0)
+        ax1.set(title=f"depth scaling, hidden {depth[0]['shape']['hidden']}", xlabel="decoder layers",
+                ylabel="peak RSS GiB", ylim=(0, None))
         ax1.legend(fontsize=8)
     width = [r for r in results["runs"] if r["sweep"] == "width" and "peak_rss_gib" in r]
     if width:
@@ -313,10 +307,8 @@ def plot(results: dict, path: Path) -> None:
                                   ITEMSIZE.get(r["calib_dtype"], 2)) for r in width], "x--", label="formula")
         for r, x in zip(width, xs):
             ax2.annotate(f"{r['params'] / 1e9:.2f}B", (x, r["peak_rss_gib"]), fontsize=7)
-        ax2.set_title(f"width scaling, {width[0]['shape']['layers']} layers")
-        ax2.set_xlabel("largest decoder layer MiB (bf16)")
-        ax2.set_ylabel("peak RSS GiB")
-        ax2.set_ylim(bottom=0)
+        ax2.set(title=f"width scaling, {width[0]['shape']['layers']} layers",
+                xlabel="largest decoder layer MiB (bf16)", ylabel="peak RSS GiB", ylim=(0, None))
         ax2.legend(fontsize=8)
     fig.suptitle("vllm-dpq quantize --method dpq: host memory")
     fig.tight_layout()
@@ -324,7 +316,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def summarize(results: dict) -> None:
-    """Depth check, llm-compressor row, formula and predictions from results['runs']."""
+    """Depth check, formula and predictions from results['runs']."""
     results["depth_check"] = depth_check(results["runs"])
     results["fit"] = fit_formula(results["runs"])
     if results["fit"]:
@@ -378,9 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.depths, a.depth_width, a.widths, a.width_layers, a.num_samples, a.seq_len = [1, 3], 64, [64, 128], 1, 4, 32
     a.work.mkdir(parents=True, exist_ok=True)
-    setup = {k: v for k, v in vars(a).items() if k in ("depths", "depth_width", "widths", "width_layers",
-                                                       "num_samples", "seq_len", "calib_dtype", "device")}
-    results = {"setup": {**setup, "tokens": a.num_samples * a.seq_len, "data": a.data.name,
+    keys = ("depths", "depth_width", "widths", "width_layers", "num_samples", "seq_len", "calib_dtype", "device")
+    results = {"setup": {**{k: getattr(a, k) for k in keys}, "tokens": a.num_samples * a.seq_len, "data": a.data.name,
                          "cpu_count": os.cpu_count()}, "runs": []}
     plan = [("depth", llama_width(a.depth_width, d)) for d in a.depths] + \
            [("width", llama_width(w, a.width_layers)) for w in a.widths]
