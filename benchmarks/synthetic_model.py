@@ -1,0 +1,186 @@
+"""Synthetic random Llama-style models on disk, as Hugging Face writes them: bf16 safetensors
+shards `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`, config.json and
+a small BPE tokenizer trained on a text, so `vllm-dpq quantize` and transformers read the
+folder like a downloaded model.
+
+The weights are written shard by shard (one shard in memory at a time), so building a model
+needs about one shard of RAM, not the whole model twice. Linear and embedding weights are
+N(0, 0.02) (Llama's initializer_range), norms are ones: random, but forward passes stay finite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BF16 = 2
+MARKER = "synthetic_shape.json"  # written last: a folder without it is incomplete
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions of a Llama-style decoder-only model (GQA, SwiGLU MLP, RMSNorm)."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    layers: int
+    vocab: int = 32000
+    tied: bool = False
+    qkv_bias: bool = False  # Qwen2: q/k/v projections have a bias
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def layer_tensors(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
+        h, d, kv = self.hidden, self.head_dim, self.kv_heads * self.head_dim
+        p = f"model.layers.{i}."
+        out = [(p + "input_layernorm.weight", (h,))]
+        for name, rows in (("q", self.heads * d), ("k", kv), ("v", kv)):
+            out.append((p + f"self_attn.{name}_proj.weight", (rows, h)))
+            if self.qkv_bias:
+                out.append((p + f"self_attn.{name}_proj.bias", (rows,)))
+        out += [(p + "self_attn.o_proj.weight", (h, self.heads * d)),
+                (p + "post_attention_layernorm.weight", (h,)),
+                (p + "mlp.gate_proj.weight", (self.intermediate, h)),
+                (p + "mlp.up_proj.weight", (self.intermediate, h)),
+                (p + "mlp.down_proj.weight", (h, self.intermediate))]
+        return out
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every tensor of the checkpoint, in file order (embeddings, layers, norm, lm_head)."""
+        out = [("model.embed_tokens.weight", (self.vocab, self.hidden))]
+        for i in range(self.layers):
+            out += self.layer_tensors(i)
+        out.append(("model.norm.weight", (self.hidden,)))
+        if not self.tied:
+            out.append(("lm_head.weight", (self.vocab, self.hidden)))
+        return out
+
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer (all layers are alike)."""
+        return sum(_numel(s) for _, s in self.layer_tensors(0))
+
+    def params(self) -> int:
+        return sum(_numel(s) for _, s in self.tensors())
+
+    def hf_config(self) -> dict:
+        return {"hidden_size": self.hidden, "intermediate_size": self.intermediate,
+                "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+                "num_hidden_layers": self.layers, "vocab_size": self.vocab, "tie_word_embeddings": self.tied,
+                "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def llama_width(hidden: int, layers: int, vocab: int = 32000) -> Shape:
+    """A Llama-3-like shape of a given width: MLP 3.5x hidden (Llama-3-70B's ratio) rounded to 64,
+    head_dim 128 (64 below hidden 1024), 4 query heads per KV head."""
+    head_dim = 128 if hidden >= 1024 else 64
+    if hidden % head_dim:
+        raise ValueError(f"hidden size {hidden} is not a multiple of the head dim {head_dim}")
+    heads = hidden // head_dim
+    return Shape(hidden=hidden, intermediate=round(3.5 * hidden / 64) * 64, heads=heads,
+                 kv_heads=max(1, heads // 4), layers=layers, vocab=vocab)
+
+
+def shard_plan(shape: Shape, max_shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Tensors grouped into shards of at most max_shard_bytes (bf16), in file order; a tensor
+    larger than that gets a shard of its own, as transformers' save_pretrained does."""
+    shards: list[list] = [[]]
+    size = 0
+    for name, s in shape.tensors():
+        nbytes = _numel(s) * BF16
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, s))
+        size += nbytes
+    return shards
+
+
+def write_tokenizer(folder: Path, text_file: Path, vocab: int = 4096) -> None:
+    """A byte-level BPE tokenizer trained on text_file (ids < vocab, so < any model vocab above it)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator([Path(text_file).read_text(encoding="utf-8")[:300_000]], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)
+
+
+def build_model(folder: str | os.PathLike, shape: Shape, text_file: str | os.PathLike, seed: int = 0,
+                max_shard_bytes: int = 1 << 30) -> Path:
+    """Write a random model of `shape` to folder (reused if a complete one of the same shape is
+    there). Built in a sibling folder and renamed into place, so a killed build is never reused."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, Qwen2Config
+
+    folder = Path(folder)
+    want = {**asdict(shape), "seed": seed, "max_shard_bytes": max_shard_bytes}
+    marker = folder / MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return folder
+    tmp = folder.with_name(folder.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    plan = shard_plan(shape, max_shard_bytes)
+    weight_map, total = {}, 0
+    for k, shard in enumerate(plan):
+        fname = f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
+        tensors = {}
+        for name, s in shard:
+            if name.endswith("norm.weight"):
+                t = torch.ones(s, dtype=torch.bfloat16)
+            else:
+                t = (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16)
+            tensors[name] = t
+            weight_map[name] = fname
+            total += t.numel() * BF16
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        del tensors
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    config_cls = Qwen2Config if shape.qkv_bias else LlamaConfig
+    config = config_cls(**shape.hf_config())
+    config.dtype = torch.bfloat16
+    config.architectures = [("Qwen2" if shape.qkv_bias else "Llama") + "ForCausalLM"]
+    config.save_pretrained(tmp)
+    write_tokenizer(tmp, Path(text_file))
+    (tmp / MARKER).write_text(json.dumps(want))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write a synthetic random model folder (see the module doc).")
+    p.add_argument("folder")
+    p.add_argument("--shape", required=True, help="the Shape fields as JSON")
+    p.add_argument("--data", required=True, help="text to train the tokenizer on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-shard-bytes", type=int, default=1 << 30)
+    a = p.parse_args(argv)
+    print(build_model(a.folder, Shape(**json.loads(a.shape)), a.data, a.seed, a.max_shard_bytes))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
