@@ -25,6 +25,8 @@ launcher's peak (Linux keeps it over exec): models are built in a child to keep 
     python benchmarks/calib_scale.py --widths 256 --depths 4,16 --depth-width 256 --width-layers 4
 
 Writes OUT_DIR/calib_scale.json (after every run), .md and .png and prints the table.
+
+Length: one experiment (three sweeps, the formula fit, the comparison) and its report.
 """
 
 from __future__ import annotations
@@ -147,8 +149,9 @@ def quantize_run(sweep: str, shape: Shape, a) -> dict:
     out = a.work / "ckpt"
     stats, log = a.work / "stats.json", a.work / f"{sweep}-{_model_name(shape)}.log"
     stats.unlink(missing_ok=True)
+    method = a.width_method if sweep == "width" else "dpq"  # the depth sweep (and compare row) is always dpq
     cmd = [sys.executable, "-m", "vllm_dpq.cli", "quantize", str(model), str(out), "--data", str(a.data),
-           "--method", "dpq", "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len),
+           "--method", method, "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len),
            "--calib-dtype", a.calib_dtype, "--stats-json", str(stats), "--overwrite",
            *(["--device", a.device] if a.device else [])]
     print(f"{sweep}: quantizing {_model_name(shape)} ({shape.params() / 1e9:.3f}B parameters)", flush=True)
@@ -158,7 +161,7 @@ def quantize_run(sweep: str, shape: Shape, a) -> dict:
         shutil.rmtree(model, ignore_errors=True)
     dtype = next((ln.split()[2] for ln in log.read_text(errors="replace").splitlines()
                   if ln.startswith("calibration dtype: ")), a.calib_dtype)
-    run = {"sweep": sweep, "shape": asdict(shape), "calib_dtype": dtype, "wall_s": m["wall_s"],
+    run = {"sweep": sweep, "method": method, "shape": asdict(shape), "calib_dtype": dtype, "wall_s": m["wall_s"],
            "peak_rss_gib": m["max_rss_gib"], "ru_maxrss_gib": m["ru_maxrss_gib"],
            **sizes(shape, a.num_samples * a.seq_len, ITEMSIZE.get(dtype, 2))}
     if m["rc"] != 0 or not stats.exists():
@@ -246,7 +249,7 @@ def markdown(results: dict) -> str:
              "| calib s | wall s | peak RSS GiB | peak / largest layer bf16 |", "|" + "---|" * 10]
     for r in results["runs"]:
         s = r["shape"]
-        head = (f"| {r['sweep']} | {s['hidden']} x {s['intermediate']}, {s['heads']} / {s['kv_heads']} | {s['layers']} "
+        head = (f"| {r['sweep']} ({r.get('method', 'dpq')}) | {s['hidden']} x {s['intermediate']}, {s['heads']} / {s['kv_heads']} | {s['layers']} "
                 f"| {r['params'] / 1e9:.3f}B | {r['layer_gib'] * 1024:.1f} / {r['layer_fp32_gib'] * 1024:.1f} "
                 f"| {r['model_gib']:.2f} |")
         if "error" in r:
@@ -347,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth-width", type=int, default=512, help="hidden size of the depth sweep")
     p.add_argument("--widths", type=_ints, default=[1024, 1536, 2048], help="hidden sizes of the width sweep")
     p.add_argument("--width-layers", type=int, default=26, help="decoder layers of the width sweep")
+    p.add_argument("--width-method", default="dpq", help="method of the width sweep (rtn: memory only, fast)")
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--calib-dtype", default="auto", help="passed to vllm-dpq quantize")
@@ -370,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.depths, a.depth_width, a.widths, a.width_layers, a.num_samples, a.seq_len = [1, 3], 64, [64, 128], 1, 4, 32
     a.work.mkdir(parents=True, exist_ok=True)
-    keys = ("depths", "depth_width", "widths", "width_layers", "num_samples", "seq_len", "calib_dtype", "device")
-    results = {"setup": {**{k: getattr(a, k) for k in keys}, "tokens": a.num_samples * a.seq_len, "data": a.data.name,
+    keys = ("depths", "depth_width", "widths", "width_layers", "width_method", "num_samples", "seq_len", "calib_dtype")
+    results = {"setup": {**{k: getattr(a, k) for k in keys}, "device": a.device, "tokens": a.num_samples * a.seq_len, "data": a.data.name,
                          "cpu_count": os.cpu_count()}, "runs": []}
     plan = [("depth", llama_width(a.depth_width, d)) for d in a.depths] + \
            [("width", llama_width(w, a.width_layers)) for w in a.widths]

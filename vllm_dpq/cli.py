@@ -18,7 +18,7 @@ def contributed_commands() -> dict:
 
 
 def cmd_inspect(args) -> int:
-    from vllm_dpq.format import CheckpointError, read_checkpoint, scale_summary
+    from vllm_dpq.format import CheckpointError, read_checkpoint
 
     try:
         ckpt = read_checkpoint(args.checkpoint)
@@ -46,6 +46,11 @@ def cmd_inspect(args) -> int:
         print(f"  {name:<44} {f'[{n}, {k}]':>13} {scale_summary(t[name + '.weight_group_scale']):>22} "
               f"{scale_summary(t[name + '.weight_scale']):>22} {'' if sx is None else f'{sx.item():.3g}':>9}")
     return 0
+
+
+def scale_summary(t) -> str:
+    v = t.float()
+    return f"[{v.min().item():.3g}, {v.max().item():.3g}]"
 
 
 def cmd_ppl(args) -> int:

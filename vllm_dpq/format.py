@@ -11,6 +11,9 @@ A DPQ checkpoint is a Hugging Face model folder:
     P.input_scale         fp32    [1]               s_x, static activation scheme only
     P.bias                (unchanged, if the layer has one)
 Only safetensors are read: nothing in a checkpoint is ever executed.
+
+Length: this module is docs/FORMAT.md in code (config, tensor contract, validation on read,
+manifest and atomic writes); one contract, one file.
 """
 
 from __future__ import annotations
@@ -392,11 +395,6 @@ def verify_files(path: Path) -> None:
             raise CheckpointError(f"{name}: size {f.stat().st_size} differs from the manifest (truncated or altered)")
         if file_digest(f) != info.get("sha256"):
             raise CheckpointError(f"{name}: sha256 differs from the manifest (file corrupted or altered)")
-
-
-def scale_summary(t: torch.Tensor) -> str:
-    v = t.float()
-    return f"[{v.min().item():.3g}, {v.max().item():.3g}]"
 
 
 __all__ = [
