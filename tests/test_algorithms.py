@@ -255,3 +255,21 @@ def test_gptq_on_cuda(name):
                 torch.cuda.set_sync_debug_mode("default")
         syncs.append(sum("synchroniz" in str(c.message) for c in caught))
     assert syncs[0] == syncs[1], syncs
+
+
+def test_block_update_gemm_is_thread_count_invariant():
+    """On CPU the lazy block update ``err1 @ hinv[i1:i2, i2:]`` runs on all threads, the rest of
+    the column loop on one: the codes equal a single-threaded loop's only because this fp32 GEMM
+    (sums of <= block_size products) gives the same bits at any thread count."""
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    for n, b, rest in ((576, 128, 448), (1536, 128, 320), (576, 128, 1408), (200, 96, 77)):
+        err1, hinv = torch.randn(n, b, generator=g), torch.randn(b + 30, rest + 50, generator=g)
+        out = []
+        for t in (1, max(threads, 2)):
+            torch.set_num_threads(t)
+            try:
+                out.append(err1 @ hinv[30:, 50:])
+            finally:
+                torch.set_num_threads(threads)
+        assert torch.equal(out[0], out[1]), (n, b, rest)
