@@ -24,8 +24,8 @@ import torch
 
 from vllm_dpq.interop.fold import folded_scheme_problems
 from vllm_dpq.numerics import (
-    QuantizedWeight, Scheme, compute_weight_scale, expand_groups, fp8_round, group_view, max_group_scale,
-    pack_result, quantize_codes, round_scale,
+    INT4_MAX, INT4_MIN, QuantizedWeight, Scheme, compute_weight_scale, expand_groups, fp8_round, group_view,
+    max_group_scale, pack_result, quantize_codes, round_scale,
 )
 
 logger = logging.getLogger("calibration")
@@ -35,9 +35,9 @@ ORDERS = ("none", "gar", "act")
 SCALE_SEARCHES = ("max", "mse")
 CODES = ("round", "nearest")
 # mse scale search: candidate s_g / s_g(max), a coarse grid then +-0.04 around each group's best
-MSE_COARSE = torch.arange(60, 106, 5).float() / 100
-MSE_FINE = torch.tensor([-0.04, -0.03, -0.02, -0.01, 0.01, 0.02, 0.03, 0.04])
-CODE_VALUES = torch.arange(-8, 8).float()
+# (Python floats holding fp32 values: no tensor, so nothing to move to the layer's device)
+MSE_COARSE = (torch.arange(60, 106, 5).float() / 100).tolist()
+MSE_FINE = torch.tensor([-0.04, -0.03, -0.02, -0.01, 0.01, 0.02, 0.03, 0.04]).tolist()
 PAPER_RECIPE = dict(scale_search="max", codes="round", refit_scales=False, hessian_fp8=False)
 # what a recipe field left at None means, per method. gptq: the standard GPTQ users know
 METHOD_DEFAULTS = {
@@ -137,7 +137,7 @@ class Chain:
             return rnd(s_max)
 
         ws = w / s_w.reshape(-1, 1, 1)  # in units of s_w: one factor per row, same for every candidate
-        one = torch.ones(1)
+        one = s_max.new_ones(1)
 
         def error(shrink: torch.Tensor) -> torch.Tensor:  # lean: rounded codes, no neighbour search
             s = rnd(s_max * shrink)
@@ -147,7 +147,7 @@ class Chain:
 
         best = best_e = center = None
         for phase in (MSE_COARSE, MSE_FINE):  # a coarse grid, then around each group's best
-            for c in phase.tolist():
+            for c in phase:
                 shrink = torch.full_like(s_max, c) if center is None else center + c
                 e = error(shrink)
                 better = torch.ones_like(e, dtype=torch.bool) if best is None else e < best_e
@@ -171,7 +171,8 @@ class Chain:
 
     def grid(self, s_w: torch.Tensor, s_g: torch.Tensor) -> torch.Tensor:
         """The 16 values the quantizer can output for each scale: [*s_g.shape, 16], ascending."""
-        prod = s_g.float().unsqueeze(-1) * CODE_VALUES
+        codes = torch.arange(INT4_MIN, INT4_MAX + 1, dtype=torch.float32, device=s_g.device)
+        prod = s_g.float().unsqueeze(-1) * codes
         if self.fp8_aware:
             prod = fp8_round(prod, self.scheme.fp8_max)
         return s_w.reshape(-1, *([1] * (s_g.ndim - 1)), 1) * prod
@@ -199,10 +200,10 @@ def processing_order(diag: torch.Tensor, group: int, order: str) -> torch.Tensor
     """
     k = diag.numel()
     if order == "none":
-        return torch.arange(k)
+        return torch.arange(k, device=diag.device)
     if order == "act":
         return torch.argsort(diag, descending=True, stable=True)
-    groups = [torch.arange(s, min(s + group, k)) for s in range(0, k, group)]
+    groups = [torch.arange(s, min(s + group, k), device=diag.device) for s in range(0, k, group)]
     inner = [g[torch.argsort(diag[g], descending=True, stable=True)] for g in groups]
     gmax = torch.stack([diag[g].max() for g in groups])
     return torch.cat([inner[i] for i in torch.argsort(gmax, descending=True, stable=True).tolist()])
@@ -214,7 +215,7 @@ def prepare_hessian(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torc
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], device=h.device)
     return h, w
 
 
@@ -248,7 +249,8 @@ def _blocks(perm_groups: list[int], block_size: int, group: int, k: int) -> list
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe) -> LayerResult:
-    """GPTQ with the recipe's chain as quantizer (DPQ spec section 3)."""
+    """GPTQ with the recipe's chain as quantizer (DPQ spec section 3). Runs on the device of w
+    and h; the column loop reads nothing back to the host (one read of the loss at the end)."""
     scheme = recipe.scheme
     n, k = w.shape
     g = scheme.group(k)
@@ -262,58 +264,72 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe) -> LayerResu
     inv = torch.argsort(perm)
     w, h, s_g_full, diag = w[:, perm].contiguous(), h[perm][:, perm], s_g_full[:, perm].contiguous(), diag[perm]
     hinv = upper_cholesky_inverse(h)
-    group_of = (perm // g)  # original group of each processing position
-    starts = torch.ones(k, dtype=torch.bool)
-    starts[1:] = group_of[1:] != group_of[:-1]
-    sizes = torch.diff(torch.cat([torch.nonzero(starts).flatten(), torch.tensor([k])])).tolist()
+    # the group structure of the processing order, on the host (one read of perm per layer):
+    # runs of consecutive positions from one original group, as (start, length, group)
+    group_of = (perm.cpu() // g).tolist()
+    runs = []
+    for j, grp in enumerate(group_of):
+        if runs and runs[-1][2] == grp:
+            runs[-1][1] += 1
+        else:
+            runs.append([j, 1, grp])
     refit = recipe.refit_scales and recipe.order != "act"
+    # act-order never refits; in the other orders each group is one run
+    refits = {start: (size, grp) for start, size, grp in runs} if refit else {}
 
-    codes = torch.empty(n, k, dtype=torch.int8)
-    with single_thread_on_cpu(w.device):  # per-column ops are tiny: threads only add sync cost
-        loss = _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, group_of, starts,
-                          _blocks(sizes, recipe.block_size, g, k), refit)
+    codes = torch.empty(n, k, dtype=torch.int8, device=w.device)
+    loss = _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits,
+                      _blocks([size for _, size, _ in runs], recipe.block_size, g, k))
     qw = pack_result(codes[:, inv].contiguous(), s_w, s_g, scheme)
     return LayerResult(qw, qw.dequantize(scheme.fp8_max), loss)
 
 
 @contextlib.contextmanager
 def single_thread_on_cpu(device: torch.device):
+    if device.type != "cpu":
+        yield
+        return
     threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
 
 
-def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, group_of, starts, blocks, refit) -> float:
-    """The GPTQ column loop, in processing order; writes codes (and refitted scales) in place."""
-    n = w.shape[0]
-    loss = 0.0
+def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits, blocks) -> float:
+    """The GPTQ column loop, in processing order; writes codes (and refitted scales) in place.
+
+    refits: {position: (group length, original group)} where a group's scale is refitted.
+    On CPU the per-column operations (tiny: threads only add sync cost) run on one thread, the
+    lazy block update ``w[:, i2:] -= err1 @ hinv[i1:i2, i2:]`` on all of torch's threads."""
+    k = w.shape[1]
+    col_loss = torch.empty(k, device=w.device)  # per column, read once at the end
     for i1, i2 in blocks:
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if refit and starts[j]:
-                # as gptq.py's find_params(W[:, j:j+g]): from w, not the in-block w1, i.e. the
-                # group's weights as they stood when the current block started
-                cols = slice(j, j + int((group_of == group_of[j]).sum()))
-                s = chain.group_scale(w[:, cols].unsqueeze(1), s_w, diag[cols].unsqueeze(0))  # [N, 1]
-                s_g_full[:, cols] = s
-                s_g[:, group_of[j]] = s.flatten()
-            col = w1[:, i]
-            q, col_eff = chain(col.unsqueeze(1), s_w, s_g_full[:, j])
-            codes[:, j] = q.flatten()
-            d = hinv1[i, i]
-            err = (col - col_eff.flatten()) / d
-            loss += (err**2).sum().item() / 2
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
+        with single_thread_on_cpu(w.device):
+            for i in range(i2 - i1):
+                j = i1 + i
+                if j in refits:
+                    # as gptq.py's find_params(W[:, j:j+g]): from w, not the in-block w1, i.e. the
+                    # group's weights as they stood when the current block started
+                    size, grp = refits[j]
+                    cols = slice(j, j + size)
+                    s = chain.group_scale(w[:, cols].unsqueeze(1), s_w, diag[cols].unsqueeze(0))  # [N, 1]
+                    s_g_full[:, cols] = s
+                    s_g[:, grp] = s.flatten()
+                col = w1[:, i]
+                q, col_eff = chain(col.unsqueeze(1), s_w, s_g_full[:, j])
+                codes[:, j] = q.flatten()
+                d = hinv1[i, i]
+                err = (col - col_eff.flatten()) / d
+                col_loss[j] = (err**2).sum()
+                w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+                err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return loss
+    return sum(col_loss.tolist()) / 2
 
 
 def quantize_rtn(w: torch.Tensor, scheme: Scheme, scale_search: str = "max", codes: str = "round") -> QuantizedWeight:
@@ -323,6 +339,7 @@ def quantize_rtn(w: torch.Tensor, scheme: Scheme, scale_search: str = "max", cod
 
 
 def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe) -> LayerResult:
+    """Quantize one layer on the device of w (and h); the result's tensors stay there."""
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all():
@@ -332,6 +349,9 @@ def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe) -> L
         return LayerResult(qw, qw.dequantize(recipe.scheme.fp8_max), 0.0)
     if h is None:
         raise ValueError(f"method {recipe.method!r} needs a Hessian")
+    if h.device != w.device:
+        raise ValueError(f"weight and Hessian must be on one device (the one GPTQ runs on), got "
+                         f"{w.device} and {h.device}")
     return gptq_quantize(w.float(), h, recipe)
 
 

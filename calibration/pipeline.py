@@ -106,8 +106,8 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
                 h.remove()
 
     for name, lin in linears.items():
-        h = hess[share[name]][0].cpu() if recipe.needs_hessian else None
-        res = quantize_layer(lin.weight.data.float().cpu(), h, recipe)
+        h = hess[share[name]][0] if recipe.needs_hessian else None
+        res = quantize_layer(lin.weight.data.float(), h, recipe)
         lin.weight.data = res.w_eff.to(device=lin.weight.device, dtype=lin.weight.dtype)
         result.layers[name] = QuantizedLayer(res.qw, 0.0)
     hess.clear()

@@ -1,6 +1,7 @@
 """GPTQ / DPQ / GAR on single layers: the properties DPQ_SPEC section 3 promises."""
 
 import hashlib
+import warnings
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from calibration.algorithms import (
     PAPER_RECIPE, Recipe, hessian_update, processing_order, quantize_layer,
 )
+from vllm_dpq.interop.fold import folded_scheme
 from vllm_dpq.numerics import Scheme
 
 
@@ -169,3 +171,105 @@ def test_calib_dtype_auto_follows_the_device(monkeypatch):
         assert resolve_calib_dtype("auto", "cpu") == want
     assert resolve_calib_dtype("auto", "cuda") == "bfloat16"
     assert resolve_calib_dtype("float16", "cpu") == "float16"  # an explicit choice is kept
+
+
+# GPTQ variants whose column loops differ: refitted max / mse scales, fixed mse scales with GAR,
+# act-order, the folded chain
+LOOP_RECIPES = {
+    "gptq": Recipe(method="gptq", scheme=Scheme(32)),
+    "gptq-mse-refit": Recipe(method="gptq", scheme=Scheme(32), scale_search="mse"),
+    "dpq-gar": Recipe(method="dpq", scheme=Scheme(32), order="gar"),
+    "gptq-act": Recipe(method="gptq", scheme=Scheme(32), order="act"),
+    "dpq-folded": Recipe(method="dpq", scheme=folded_scheme(), fold="vllm"),
+}
+# the Tensor methods that read values into Python: on an accelerator each waits for the device
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+
+
+def count_host_reads(monkeypatch, fn) -> int:
+    n = 0
+
+    def counting(read):
+        def counted(self, *args, **kwargs):
+            nonlocal n
+            n += 1
+            return read(self, *args, **kwargs)
+        return counted
+
+    with monkeypatch.context() as m:
+        for name in HOST_READS:
+            m.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+        fn()
+    return n
+
+
+@pytest.mark.parametrize("name", LOOP_RECIPES)
+def test_gptq_reads_nothing_back_per_column(monkeypatch, name):
+    """The GPTQ loop keeps its values on the layer's device: the Python-level reads of tensor
+    values in one quantize_layer (the group structure, the loss at the end...) are as many at
+    K=512 as at K=256, where one read per column would add 256. Reads inside torch's C++
+    (boolean-mask indexing) are not seen here: test_gptq_on_cuda counts those."""
+    recipe = LOOP_RECIPES[name]
+    counts = []
+    for k in (256, 512):
+        w, _, h = correlated_layer(n=64, k=k, samples=1024)
+        quantize_layer(w, h, recipe)  # first use fills caches (round_scale's bounds)
+        counts.append(count_host_reads(monkeypatch, lambda: quantize_layer(w, h, recipe)))
+    assert counts[0] == counts[1] <= 8, counts
+
+
+def test_weight_and_hessian_on_different_devices_is_an_error():
+    w, _, h = correlated_layer(n=16, k=64, samples=256)
+    with pytest.raises(ValueError, match="one device.*cpu and meta"):
+        quantize_layer(w, h.to("meta"), Recipe())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", LOOP_RECIPES)
+def test_gptq_on_cuda(name):
+    """quantize_layer on CUDA tensors runs there (its results are CUDA tensors), is as good as
+    on CPU, and CUDA's sync debug mode sees as many host syncs at K=512 as at K=256 (none per
+    column). Max-scale RTN (element-wise ops and maxima only) is bit-identical to the CPU's."""
+    recipe = LOOP_RECIPES[name]
+    w, x, h = correlated_layer()
+    cpu, dev = quantize_layer(w, h, recipe), quantize_layer(w.cuda(), h.cuda(), recipe)
+    assert all(t.is_cuda for t in (dev.qw.q, dev.qw.group_scale, dev.qw.weight_scale, dev.w_eff))
+    assert out_err(x, w, dev.w_eff.cpu()) < 1.03 * out_err(x, w, cpu.w_eff)
+    rtn = Recipe(method="rtn", scheme=recipe.scheme, fold=recipe.fold, scale_search="max", codes="round")
+    a, b = quantize_layer(w, None, rtn).qw, quantize_layer(w.cuda(), None, rtn).qw
+    assert torch.equal(a.q, b.q.cpu()) and torch.equal(a.group_scale, b.group_scale.cpu())
+
+    syncs = []
+    for k in (256, 512):
+        w, _, h = correlated_layer(n=64, k=k, samples=1024)
+        w, h = w.cuda(), h.cuda()
+        quantize_layer(w, h, recipe)  # warm-up (library initialisation, caches)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                quantize_layer(w, h, recipe)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("synchroniz" in str(c.message) for c in caught))
+    assert syncs[0] == syncs[1], syncs
+
+
+def test_block_update_gemm_is_thread_count_invariant():
+    """On CPU the lazy block update ``err1 @ hinv[i1:i2, i2:]`` runs on all threads, the rest of
+    the column loop on one: the codes equal a single-threaded loop's only because this fp32 GEMM
+    (sums of <= block_size products) gives the same bits at any thread count."""
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    for n, b, rest in ((576, 128, 448), (1536, 128, 320), (576, 128, 1408), (200, 96, 77)):
+        err1, hinv = torch.randn(n, b, generator=g), torch.randn(b + 30, rest + 50, generator=g)
+        out = []
+        for t in (1, max(threads, 2)):
+            torch.set_num_threads(t)
+            try:
+                out.append(err1 @ hinv[30:, 50:])
+            finally:
+                torch.set_num_threads(threads)
+        assert torch.equal(out[0], out[1]), (n, b, rest)

@@ -17,6 +17,7 @@ belongs to group k // G. Per-channel group scales are group_size = -1 (one group
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -88,15 +89,23 @@ def round_scale(s: torch.Tensor, dtype: torch.dtype, fp8_max: float) -> torch.Te
     gets scale 1.0: its codes are 0 whatever the scale, and a positive scale keeps the
     checkpoint valid.
     """
+    cap, tiny = _scale_limits(dtype, fp8_max)
     s = torch.where(s > 0, s, torch.ones_like(s)).float()
+    r = s.clamp(max=cap).to(dtype).float()
+    return torch.where(r > 0, r, tiny)
+
+
+@functools.cache
+def _scale_limits(dtype: torch.dtype, fp8_max: float) -> tuple[float, float]:
+    """(largest s_g with 8 * s_g <= fp8_max, smallest positive s_g), both values of dtype, as
+    Python floats (exact in fp32): round_scale's bounds, on whatever device the scales are."""
     cap = fp8_max / 8
     while float(torch.tensor(cap).to(dtype).float()) * 8 > fp8_max:  # cap must round down
         cap = math.nextafter(cap, 0.0) if dtype != FP8_DTYPE else cap * (1 - 2**-4)
-    cap = torch.tensor(cap).to(dtype).float()
-    r = s.clamp(max=cap).to(dtype).float()
+    cap = float(torch.tensor(cap).to(dtype).float())
     # a scale too small for the dtype (fp8 underflow) becomes its smallest positive value
-    tiny = torch.tensor(2.0**-9 if dtype == FP8_DTYPE else torch.finfo(dtype).tiny).to(dtype).float()
-    return torch.where(r > 0, r, tiny)
+    tiny = float(torch.tensor(2.0**-9 if dtype == FP8_DTYPE else torch.finfo(dtype).tiny).to(dtype).float())
+    return cap, tiny
 
 
 def expand_groups(s_g: torch.Tensor, k: int, group: int) -> torch.Tensor:
