@@ -285,31 +285,41 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe) -> LayerResu
 
 
 @contextlib.contextmanager
-def single_thread_on_cpu(device: torch.device):
+def cpu_threads(device: torch.device, n: int):
+    """torch's thread count set to n while inside, on CPU (elsewhere: nothing)."""
     if device.type != "cpu":
         yield
         return
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
 
 
+# multiply-adds from which a lazy block update runs on all threads: SmolLM2's largest is 1.1e8,
+# where the per-column work dominates and switching thread counts per block cost more than it
+# gained (measured on 2 cores); an 8192-wide layer's first blocks are ~1e10
+THREADED_UPDATE = 2**30
+
+
 def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits, blocks) -> float:
     """The GPTQ column loop, in processing order; writes codes (and refitted scales) in place.
 
     refits: {position: (group length, original group)} where a group's scale is refitted.
-    On CPU the per-column operations (tiny: threads only add sync cost) run on one thread, the
-    lazy block update ``w[:, i2:] -= err1 @ hinv[i1:i2, i2:]`` on all of torch's threads."""
-    k = w.shape[1]
+    On CPU the per-column operations (tiny: threads only add sync cost) run on one thread; a
+    lazy block update ``w[:, i2:] -= err1 @ hinv[i1:i2, i2:]`` of THREADED_UPDATE multiply-adds
+    or more on all of torch's threads (the same bits: MKL's GEMM of these shapes is
+    thread-count invariant, tested)."""
+    n, k = w.shape
+    threads = torch.get_num_threads()
     col_loss = torch.empty(k, device=w.device)  # per column, read once at the end
-    for i1, i2 in blocks:
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        with single_thread_on_cpu(w.device):
+    with cpu_threads(w.device, 1):
+        for i1, i2 in blocks:
+            w1 = w[:, i1:i2].clone()
+            err1 = torch.zeros_like(w1)
+            hinv1 = hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 j = i1 + i
                 if j in refits:
@@ -328,7 +338,9 @@ def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits, blocks) 
                 col_loss[j] = (err**2).sum()
                 w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
                 err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            big = n * (k - i2) * (i2 - i1) >= THREADED_UPDATE
+            with cpu_threads(w.device, threads) if big else contextlib.nullcontext():
+                w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return sum(col_loss.tolist()) / 2
 
 

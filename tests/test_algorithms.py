@@ -258,9 +258,9 @@ def test_gptq_on_cuda(name):
 
 
 def test_block_update_gemm_is_thread_count_invariant():
-    """On CPU the lazy block update ``err1 @ hinv[i1:i2, i2:]`` runs on all threads, the rest of
-    the column loop on one: the codes equal a single-threaded loop's only because this fp32 GEMM
-    (sums of <= block_size products) gives the same bits at any thread count."""
+    """On CPU a large lazy block update ``err1 @ hinv[i1:i2, i2:]`` runs on all threads, the rest
+    of the column loop on one: the codes equal a single-threaded loop's only because this fp32
+    GEMM (sums of <= block_size products) gives the same bits at any thread count."""
     g = torch.Generator().manual_seed(0)
     threads = torch.get_num_threads()
     for n, b, rest in ((576, 128, 448), (1536, 128, 320), (576, 128, 1408), (200, 96, 77)):
