@@ -184,32 +184,53 @@ def move_except_layers(model: nn.Module, device: torch.device) -> None:
             mod._buffers[bname] = b.to(device)
 
 
+def layer_kinds(model: nn.Module) -> list[str]:
+    """The kind of each decoder layer. Models mixing attention kinds (``config.layer_types``:
+    Gemma2's sliding-window and full attention, Qwen2/3 with use_sliding_window) pass each kind
+    its own attention mask; the others pass every layer the same arguments."""
+    n = len(decoder_layers(model))
+    kinds = getattr(model.config, "layer_types", None)
+    return list(kinds[:n]) if kinds else ["decoder"] * n
+
+
 class _Stop(Exception):
     pass
 
 
 @dataclass
 class LayerInputs:
-    """Inputs of one decoder layer for every calibration batch."""
+    """Inputs of the decoder layers for every calibration batch."""
 
-    hidden: list[torch.Tensor]  # [B, L, H] per batch
-    kwargs: list[dict[str, Any]]  # the other arguments the model passed (masks, rotary, ...)
+    hidden: list[torch.Tensor]  # [B, L, H] per batch: the input of the next layer to run
+    kwargs: dict[str, list[dict[str, Any]]]  # layer name -> the other arguments per batch (masks, rotary, ...)
 
 
 def capture_first_layer_inputs(model: nn.Module, batches: list[torch.Tensor], device: torch.device) -> LayerInputs:
-    """Run the model up to its first decoder layer; only embeddings etc. move to device."""
-    layers = decoder_layers(model)
-    first = layers[0]
-    store = LayerInputs([], [])
+    """Run the model up to its decoder layers: the hidden states entering layer 0 and the other
+    arguments of every layer (recorded at the first layer of each kind, see ``layer_kinds``).
+    Only embeddings etc. move to device; no decoder layer runs (each is replaced by a recorder
+    passing its hidden states through, until the first layer of the last kind)."""
+    layers, prefix, kinds = decoder_layers(model), layers_prefix(model), layer_kinds(model)
+    last = max(kinds.index(k) for k in kinds)
+    by_kind: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    store = LayerInputs([], {f"{prefix}.{i}": by_kind[k] for i, k in enumerate(kinds)})
 
-    def hook(_mod, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        store.hidden.append(hidden.detach())
-        store.kwargs.append({k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")})
-        raise _Stop
+    def recorder(i):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if i == 0:
+                store.hidden.append(hidden.detach())
+            if i == kinds.index(kinds[i]):
+                by_kind[kinds[i]].append({k: v for k, v in kwargs.items()
+                                          if k not in ("past_key_values", "past_key_value")})
+            if i == last:
+                raise _Stop
+            return hidden
+        return forward
 
     move_except_layers(model, device)
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)  # stops before the layer runs
+    for i in range(last + 1):
+        layers[i].forward = recorder(i)  # the instance attribute shadows the class's forward
     try:
         with torch.no_grad():
             for ids in batches:
@@ -218,5 +239,6 @@ def capture_first_layer_inputs(model: nn.Module, batches: list[torch.Tensor], de
                 except _Stop:
                     pass
     finally:
-        handle.remove()
+        for i in range(last + 1):
+            del layers[i].forward
     return store

@@ -47,15 +47,6 @@ class CalibrationResult:
     seconds: float = 0.0
 
 
-def _run(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
-    outs = []
-    with torch.no_grad():
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-            out = layer(hidden, **kwargs)
-            outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
-
-
 def _hooked(linears: dict[str, nn.Linear], fn):
     """Forward pre-hooks calling fn(name, x) once per distinct input tensor per batch.
     ``seen`` keeps each input alive until cleared, so a freed tensor's memory cannot be
@@ -96,7 +87,7 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
     if recipe.needs_hessian:
         handles, seen, share = _hooked(linears, accumulate)
         try:
-            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs[prefix]):
                 seen.clear()
                 with torch.no_grad():
                     out = layer(hidden, **kwargs)
@@ -119,7 +110,7 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
     handles, seen, share = _hooked(linears, record)
     err_num = err_den = 0.0
     try:
-        for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+        for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs[prefix])):
             seen.clear()
             with torch.no_grad():
                 out = layer(hidden, **kwargs)

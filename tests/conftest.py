@@ -63,15 +63,25 @@ def _quiet_threads():
 def save_tiny_model_dir(path: Path, arch: str = "llama", layers: int = 2, text: str | None = None,
                         dtype: torch.dtype = torch.float32, max_shard_size: str = "50GB", **config_kw) -> Path:
     """A tiny random model + a small BPE tokenizer trained here, saved as a HF folder."""
+    model = tiny_model(arch, num_hidden_layers=layers, **config_kw).to(dtype)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    save_tokenizer(path, text)
+    return path
+
+
+def save_tokenizer(path: Path, text: str | None = None) -> None:
+    """A small byte-level BPE tokenizer (512 tokens, <unk> <s> </s> = 0 1 2) trained on text, saved to path."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    model = tiny_model(arch, num_hidden_layers=layers, **config_kw).to(dtype)
-    model.save_pretrained(path, max_shard_size=max_shard_size)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"])
     sample = text or "The quick brown fox jumps over the lazy dog. " * 50
     tok.train_from_iterator([sample], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
-    return path
+
+
+def fp8(x: torch.Tensor) -> torch.Tensor:
+    """The FP8 step by hand: saturate to +-448, round to the nearest e4m3fn value (ties to even)."""
+    return x.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()

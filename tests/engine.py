@@ -41,18 +41,20 @@ DPQ_VARS = ("VLLM_DPQ_BACKEND", "VLLM_DPQ_CPU_WEIGHTS")
 
 
 def engine_env(tp: int = 1, weights: str | None = None, backend: str | None = None,
-               apply_model: bool = False) -> dict:
+               apply_model: bool = False, in_process: bool = False) -> dict:
     """The environment of an engine (or `vllm-dpq serve`) process started by a test.
 
     A small KV cache (the machine has little memory to spare); no VLLM_PLUGINS (an allow-list
     without "dpq" would skip the plugin silently); the DPQ variables set only when asked
     (``weights``: VLLM_DPQ_CPU_WEIGHTS, default int4 residency; ``backend``: VLLM_DPQ_BACKEND);
     one core per rank for tensor parallel; ``apply_model`` allows ``LLM.apply_model`` to pickle
-    a function (local only)."""
+    a function (local only); ``in_process`` runs the engine core in the child itself
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0; with ``distributed_executor_backend="uni"`` the worker too):
+    no process is spawned, so several engines one after another start in seconds each."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
            # the repository root: benchmarks.memory (apply_model) in the child and vLLM's workers
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    for var in ("VLLM_PLUGINS", "VLLM_CPU_OMP_THREADS_BIND", *DPQ_VARS):
+    for var in ("VLLM_PLUGINS", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING", *DPQ_VARS):
         env.pop(var, None)
     for var, value in zip(DPQ_VARS, (backend, weights)):
         if value:
@@ -61,6 +63,8 @@ def engine_env(tp: int = 1, weights: str | None = None, backend: str | None = No
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
     if apply_model:
         env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    if in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env
 
 

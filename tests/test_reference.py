@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from conftest import make_checkpoint
+from conftest import fp8, make_checkpoint
 from vllm_dpq.numerics import QuantizedWeight, reference_linear
 from vllm_dpq.reference import ReferenceW4A8Linear, load_reference_model
 
@@ -38,11 +38,6 @@ def test_reference_layer_is_the_numerics(tmp_path):
     layer = ReferenceW4A8Linear(qw, 448.0, ck.input_scale(name), None)
     x = torch.randn(3, 5, 256)
     assert torch.equal(layer(x), reference_linear(x, qw, 448.0, ck.input_scale(name), out_dtype=torch.float32))
-
-
-def fp8(x: torch.Tensor) -> torch.Tensor:
-    """The FP8 step by hand: saturate to +-448, round to the nearest e4m3fn value (ties to even)."""
-    return x.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
 
 
 def w4a16_with_fp8_by_hand(layer: ReferenceW4A8Linear, x: torch.Tensor) -> torch.Tensor:
