@@ -68,18 +68,22 @@ namespace {
 
 enum class Isa { none, avx2, avx512 };
 
-Isa isa() {
-  static const Isa v = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-      return Isa::avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-      return Isa::avx2;
-    return Isa::none;
-  }();
+Isa detect() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl"))
+    return Isa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::avx2;
+  return Isa::none;
+}
+
+Isa& current() {
+  static Isa v = detect();
   return v;
 }
+
+Isa isa() { return current(); }
 
 int64_t lanes() { return isa() == Isa::avx512 ? 16 : 8; }
 
@@ -89,6 +93,20 @@ std::string isa_name() {
     case Isa::avx2: return "avx2";
     default: return "none";
   }
+}
+
+// use the AVX2 code on an AVX-512 CPU (tests both paths on one machine); returns the previous ISA
+std::string use_isa(const std::string& name) {
+  const std::string before = isa_name();
+  const Isa best = detect();
+  if (name == "avx2" && best != Isa::none) {
+    current() = Isa::avx2;
+  } else if (name == "avx512" && best == Isa::avx512) {
+    current() = Isa::avx512;
+  } else {
+    TORCH_CHECK(false, "ISA ", name, " is not available on this CPU (best: ", best == Isa::avx512 ? "avx512" : best == Isa::avx2 ? "avx2" : "none", ")");
+  }
+  return before;
 }
 
 #define DPQ_ISA(call)                                   \
@@ -244,6 +262,7 @@ TORCH_LIBRARY(vllm_dpq_cpu, m) {
   m.def("quantize(Tensor x, Tensor? input_scale, float fp8_max) -> (Tensor, Tensor)");
   m.def("dequantize(Tensor packed, Tensor group_scale, int k, int group, float fp8_max, ScalarType dtype) -> Tensor");
   m.def("isa() -> str", &isa_name);
+  m.def("use_isa(str name) -> str", &use_isa);
 }
 
 TORCH_LIBRARY_IMPL(vllm_dpq_cpu, CPU, m) {
