@@ -13,7 +13,7 @@ from kernel_cases import (ACT_STATIC_SCALES, SCALE_DTYPES, activation_input, act
 # the cpu backend's two paths: fused (M <= FUSED_MAX_M) and dequantize + torch GEMM (forced here)
 VARIANTS = [("cpu", "fused"), ("cpu", "dequant"), ("scaled_mm", None), ("triton", None)]
 assert {b for b, _ in VARIANTS} == set(BACKENDS), "every backend is tested against the reference"
-ISAS = ["avx512", "avx2"]
+ISAS = ["avx512bf16", "avx512", "avx2"]
 
 
 def cpu_path(monkeypatch, path):

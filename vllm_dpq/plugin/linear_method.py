@@ -138,10 +138,6 @@ class DPQLinearMethod(LinearMethodBase):
         if backend.name == "cpu":
             self._once("cpu:gemm", logging.INFO, "DPQ: CPU GEMMs in %s (%s; %s to override)", state.gemm_dtype,
                        "native bf16" if native_bf16() else "this CPU has no native bf16", ENV_GEMM)
-        if backend.name == "cpu" and backend.keeps_packed(state):
-            self._once("cpu:int4", logging.INFO,
-                       "DPQ: INT4 weights stay resident and are expanded to FP8 on every call (least memory, "
-                       "slow decode); VLLM_DPQ_CPU_WEIGHTS=bf16 caches the FP8 values (BF16's memory, ~5x faster)")
         layer._dpq_backend = backend
         layer._dpq_state = state
         if not backend.keeps_packed(state):  # the backend made its own copy: free ours

@@ -47,11 +47,24 @@ struct Weights {
 }  // namespace
 
 #pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")
+namespace avx512bf16 {
+#define DPQ_AVX512 1
+#define DPQ_BF16 1
+#include "dpq_cpu_isa.h"
+#undef DPQ_AVX512
+#undef DPQ_BF16
+}  // namespace avx512bf16
+#pragma GCC pop_options
+
+#pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma")
 namespace avx512 {
 #define DPQ_AVX512 1
+#define DPQ_BF16 0
 #include "dpq_cpu_isa.h"
 #undef DPQ_AVX512
+#undef DPQ_BF16
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -59,20 +72,22 @@ namespace avx512 {
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 #define DPQ_AVX512 0
+#define DPQ_BF16 0
 #include "dpq_cpu_isa.h"
 #undef DPQ_AVX512
+#undef DPQ_BF16
 }  // namespace avx2
 #pragma GCC pop_options
 
 namespace {
 
-enum class Isa { none, avx2, avx512 };
+enum class Isa { none, avx2, avx512, avx512bf16 };
 
 Isa detect() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx512vl"))
-    return Isa::avx512;
+    return __builtin_cpu_supports("avx512bf16") ? Isa::avx512bf16 : Isa::avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return Isa::avx2;
   return Isa::none;
@@ -85,33 +100,39 @@ Isa& current() {
 
 Isa isa() { return current(); }
 
-int64_t lanes() { return isa() == Isa::avx512 ? 16 : 8; }
+int64_t lanes() { return isa() == Isa::avx2 ? 8 : 16; }
 
-std::string isa_name() {
-  switch (isa()) {
+std::string name_of(Isa v) {
+  switch (v) {
+    case Isa::avx512bf16: return "avx512bf16";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "none";
   }
 }
 
-// use the AVX2 code on an AVX-512 CPU (tests both paths on one machine); returns the previous ISA
+std::string isa_name() { return name_of(isa()); }
+
+// use a lower ISA's code (tests every path on one machine); returns the previous ISA
 std::string use_isa(const std::string& name) {
   const std::string before = isa_name();
   const Isa best = detect();
-  if (name == "avx2" && best != Isa::none) {
-    current() = Isa::avx2;
-  } else if (name == "avx512" && best == Isa::avx512) {
-    current() = Isa::avx512;
-  } else {
-    TORCH_CHECK(false, "ISA ", name, " is not available on this CPU (best: ", best == Isa::avx512 ? "avx512" : best == Isa::avx2 ? "avx2" : "none", ")");
+  for (Isa v : {Isa::avx2, Isa::avx512, Isa::avx512bf16}) {
+    if (name == name_of(v)) {
+      TORCH_CHECK(best != Isa::none && v <= best, "ISA ", name, " is not available on this CPU (best: ",
+                  name_of(best), ")");
+      current() = v;
+      return before;
+    }
   }
-  return before;
+  TORCH_CHECK(false, "unknown ISA ", name, " (avx2, avx512, avx512bf16)");
 }
 
 #define DPQ_ISA(call)                                   \
   do {                                                  \
-    if (isa() == Isa::avx512) {                         \
+    if (isa() == Isa::avx512bf16) {                     \
+      avx512bf16::call;                                 \
+    } else if (isa() == Isa::avx512) {                  \
       avx512::call;                                     \
     } else {                                            \
       TORCH_CHECK(isa() == Isa::avx2, "DPQ CPU kernels need AVX2 + FMA or AVX-512"); \
@@ -137,12 +158,13 @@ Weights weights_of(const at::Tensor& packed, const at::Tensor& group_scale, int6
 }
 
 // x [M, K] -> (x8 fp32 [M, ld] FP8 values, zero beyond K; s_x fp32 [M])
+// x [M, K] -> (x8 [M, ld] FP8 values in dtype (fp32 or bf16), zero beyond K; s_x fp32 [M])
 std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10::optional<at::Tensor>& input_scale,
-                                                 double fp8_max, int64_t ld) {
+                                                 double fp8_max, int64_t ld, at::ScalarType dtype) {
   TORCH_CHECK(x.dim() == 2, "activations must be 2-D");
   const at::Tensor xc = x.contiguous();
   const int64_t m = xc.size(0), k = xc.size(1);
-  at::Tensor x8 = at::empty({m, ld}, xc.options().dtype(at::kFloat));
+  at::Tensor x8 = at::empty({m, ld}, xc.options().dtype(dtype));
   at::Tensor sx = at::empty({m}, xc.options().dtype(at::kFloat));
   at::Tensor st;
   const float* sp = nullptr;
@@ -151,22 +173,22 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10:
     TORCH_CHECK(st.numel() == 1, "static input scale must have one element");
     sp = st.data_ptr<float>();
   }
-  float* o = x8.data_ptr<float>();
+  TORCH_CHECK(xc.scalar_type() == at::kFloat || xc.scalar_type() == at::kBFloat16 || xc.scalar_type() == at::kHalf,
+              "activations must be bf16, fp16 or fp32, got ", xc.scalar_type());
   float* s = sx.data_ptr<float>();
   const float fm = static_cast<float>(fp8_max);
   at::parallel_for(0, m, 1, [&](int64_t m0, int64_t m1) {
-    switch (xc.scalar_type()) {
-      case at::kFloat:
-        DPQ_ISA(quantize_rows(xc.data_ptr<float>(), k, k, fm, sp, o, ld, s, m0, m1));
-        break;
-      case at::kBFloat16:
-        DPQ_ISA(quantize_rows(xc.data_ptr<c10::BFloat16>(), k, k, fm, sp, o, ld, s, m0, m1));
-        break;
-      case at::kHalf:
-        DPQ_ISA(quantize_rows(xc.data_ptr<c10::Half>(), k, k, fm, sp, o, ld, s, m0, m1));
-        break;
-      default:
-        TORCH_CHECK(false, "activations must be bf16, fp16 or fp32, got ", xc.scalar_type());
+    auto run = [&](auto* o) {
+      switch (xc.scalar_type()) {
+        case at::kFloat: DPQ_ISA(quantize_rows(xc.data_ptr<float>(), k, fm, sp, o, ld, s, m0, m1)); break;
+        case at::kBFloat16: DPQ_ISA(quantize_rows(xc.data_ptr<c10::BFloat16>(), k, fm, sp, o, ld, s, m0, m1)); break;
+        default: DPQ_ISA(quantize_rows(xc.data_ptr<c10::Half>(), k, fm, sp, o, ld, s, m0, m1));
+      }
+    };
+    if (dtype == at::kFloat) {
+      run(x8.data_ptr<float>());
+    } else {
+      run(x8.data_ptr<c10::BFloat16>());
     }
   });
   return {x8, sx};
@@ -174,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10:
 
 std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, const c10::optional<at::Tensor>& input_scale,
                                             double fp8_max) {
-  auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, x.size(1));
+  auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, x.size(1), at::kFloat);
   return {x8, sx.unsqueeze(1)};
 }
 
@@ -234,18 +256,28 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   at::Tensor y = at::empty({m, w.n}, x.options());
   if (m == 0) return y;
   if (m <= fused_max_m) {
-    const int64_t ld = (k + lanes() - 1) / lanes() * lanes();
-    auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, ld);
     at::Tensor acc = at::empty({m, w.n}, x.options().dtype(at::kFloat));
-    const float* xp = x8.data_ptr<float>();
     float* ap = acc.data_ptr<float>();
-    at::parallel_for(0, w.n, 8, [&](int64_t n0, int64_t n1) { DPQ_ISA(gemv_rows(w, xp, ld, m, ap, n0, n1)); });
+    at::Tensor sx;
+    if (isa() == Isa::avx512bf16 && avx512bf16::chunks32_ok(w)) {
+      const int64_t ld = (k + 31) / 32 * 32;
+      at::Tensor x8;
+      std::tie(x8, sx) = quantize_impl(x, input_scale, fp8_max, ld, at::kBFloat16);
+      const uint16_t* xp = reinterpret_cast<const uint16_t*>(x8.data_ptr<c10::BFloat16>());
+      at::parallel_for(0, w.n, 8, [&](int64_t n0, int64_t n1) { avx512bf16::gemv_rows_bf16(w, xp, ld, m, ap, n0, n1); });
+    } else {
+      const int64_t ld = (k + lanes() - 1) / lanes() * lanes();
+      at::Tensor x8;
+      std::tie(x8, sx) = quantize_impl(x, input_scale, fp8_max, ld, at::kFloat);
+      const float* xp = x8.data_ptr<float>();
+      at::parallel_for(0, w.n, 8, [&](int64_t n0, int64_t n1) { DPQ_ISA(gemv_rows(w, xp, ld, m, ap, n0, n1)); });
+    }
     epilogue<float>(acc, sx, sw, b, y);
     return y;
   }
-  auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, k);
   const at::ScalarType dt = gemm_bf16 ? at::kBFloat16 : at::kFloat;
-  at::Tensor acc = at::mm(gemm_bf16 ? x8.to(dt) : x8, dequantize(packed, group_scale, k, group, fp8_max, dt).t());
+  auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, k, dt);
+  at::Tensor acc = at::mm(x8, dequantize(packed, group_scale, k, group, fp8_max, dt).t());
   if (gemm_bf16) {
     epilogue<c10::BFloat16>(acc, sx, sw, b, y);
   } else {

@@ -176,9 +176,54 @@ static inline void row_chunks(const Weights& w, int64_t n, F&& f) {
   }
 }
 
+#if DPQ_AVX512
+// The same in 32-column chunks with the FP8 values as bf16 words (exact), by one 16-bit
+// permute per chunk; for groups that are multiples of 32 columns, or one group.
+static inline bool chunks32_ok(const Weights& w) { return w.group % 32 == 0 || w.groups == 1; }
+
+static inline __m512i codes32(const int32_t* row, int nw) {  // words 4c..4c+3 -> 32 16-bit codes
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi32((__mmask8)((1u << nw) - 1), row));
+  return _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(15)),
+                         _mm512_slli_epi32(_mm512_and_si512(d, _mm512_set1_epi32(0xf0)), 12));
+}
+
+static inline __m512i lut16(float s, vf lim) {  // the 16 chain values in 16-bit lanes 0..15
+  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(make_lut(s, lim).v), 16));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+}
+
+template <typename F>
+static inline void row_chunks32(const Weights& w, int64_t n, F&& f) {
+  const int32_t* row = w.packed + n * w.kw;
+  const ScaleRow sr = w.scale_row(n);
+  const vf lim = vset1(w.fp8_max);
+  const int64_t chunks = (w.k + 31) / 32;
+  const int64_t per_group = w.groups == 1 ? chunks : w.group / 32;
+  int64_t c = 0;
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const __m512i lut = lut16(sr.at(g), lim);
+    for (const int64_t end = std::min(chunks, c + per_group); c < end; ++c)
+      f(c, _mm512_permutexvar_epi16(codes32(row + 4 * c, (int)std::min<int64_t>(4, w.kw - 4 * c)), lut));
+  }
+}
+
+static inline __mmask32 mask32(int64_t cols) { return cols >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << cols) - 1); }
+#endif
+
 // Dequantize rows [n0, n1) to out [N, K] (fp32 or bf16; FP8 values are exact in both).
 template <typename T>
 static void dequant_rows(const Weights& w, T* out, int64_t n0, int64_t n1) {
+#if DPQ_AVX512
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (chunks32_ok(w)) {
+      for (int64_t n = n0; n < n1; ++n) {
+        T* o = out + n * w.k;
+        row_chunks32(w, n, [&](int64_t c, __m512i v) { _mm512_mask_storeu_epi16(o + 32 * c, mask32(w.k - 32 * c), v); });
+      }
+      return;
+    }
+  }
+#endif
   for (int64_t n = n0; n < n1; ++n) {
     T* o = out + n * w.k;
     row_chunks(w, n, [&](int64_t c, vf v) {
@@ -192,38 +237,48 @@ static void dequant_rows(const Weights& w, T* out, int64_t n0, int64_t n1) {
   }
 }
 
-// Quantize activation rows [m0, m1) of x [M, K] (row stride ldx) to FP8 values in fp32
-// (x8 [M, ldo], columns K..ldo zero) and their scales s_x [M] (dynamic: amax / fp8_max,
-// at least FLT_MIN; static: the given scale).
 template <typename T>
-static void quantize_rows(const T* x, int64_t ldx, int64_t k, float fp8_max, const float* static_scale,
-                          float* x8, int64_t ldo, float* sx, int64_t m0, int64_t m1) {
+static inline vf load_x(const T* p, int n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return vloadn(p, n);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return vload_bf16n(p, n);
+  } else {
+    return vload_f16n(p, n);
+  }
+}
+
+// Quantize activation rows [m0, m1) of x [M, K] to FP8 values (x8 [M, ldo] as O = float or
+// bf16, columns K..ldo zero) and their scales s_x [M] (dynamic: amax / fp8_max, at least
+// FLT_MIN; static: the given scale). x is read once: into a fp32 row buffer, with its amax.
+template <typename T, typename O>
+static void quantize_rows(const T* x, int64_t k, float fp8_max, const float* static_scale, O* x8, int64_t ldo,
+                          float* sx, int64_t m0, int64_t m1) {
   const vf lim = vset1(fp8_max);
+  std::vector<float> row(k + W);
   for (int64_t m = m0; m < m1; ++m) {
-    const T* xr = x + m * ldx;
-    float* o = x8 + m * ldo;
+    const T* xr = x + m * k;
+    O* o = x8 + m * ldo;
     vf amax = vzero();
-    for (int64_t j = 0; j < k; j += W) {  // one read of x: to fp32 in o, with the row's amax
+    for (int64_t j = 0; j < k; j += W) {
       const int n = (int)std::min<int64_t>(W, k - j);
-      vf v;
-      if constexpr (std::is_same_v<T, float>) {
-        v = vloadn(xr + j, n);
-      } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        v = vload_bf16n(xr + j, n);
-      } else {
-        v = vload_f16n(xr + j, n);
-      }
+      const vf v = load_x(xr + j, n);
       amax = vmax(amax, vabs(v));
-      vstoren(o + j, v, n);
+      vstore(row.data() + j, v);
     }
-    float s = static_scale ? *static_scale : std::max(vhmax(amax) / fp8_max, std::numeric_limits<float>::min());
+    const float s = static_scale ? *static_scale : std::max(vhmax(amax) / fp8_max, std::numeric_limits<float>::min());
     sx[m] = s;
     const vf vs = vset1(s);
     for (int64_t j = 0; j < k; j += W) {
       const int n = (int)std::min<int64_t>(W, k - j);
-      vstoren(o + j, fp8_round(vdiv(vloadn(o + j, n), vs), lim), n);
+      const vf q = fp8_round(vdiv(vload(row.data() + j), vs), lim);
+      if constexpr (std::is_same_v<O, float>) {
+        vstoren(o + j, q, n);
+      } else {
+        vstoren_bf16(o + j, q, n);
+      }
     }
-    for (int64_t j = k; j < ldo; ++j) o[j] = 0.0f;
+    for (int64_t j = k; j < ldo; ++j) o[j] = O(0.0f);
   }
 }
 
@@ -241,49 +296,53 @@ static inline void gemv_block(const Weights& w, const float* x8, int64_t ldx, in
   for (int i = 0; i < MB; ++i) acc_out[(m0 + i) * ldacc + n] = vsum(acc[i]);
 }
 
-static void gemv_rows(const Weights& w, const float* x8, int64_t ldx, int64_t m, float* acc, int64_t n0,
-                      int64_t n1) {
-  constexpr int MB = 8;
-  for (int64_t n = n0; n < n1; ++n) {
-    int64_t m0 = 0;
-    for (; m0 + MB <= m; m0 += MB) gemv_block<MB>(w, x8, ldx, m0, n, acc, w.n);
-    switch (m - m0) {
-      case 7: gemv_block<7>(w, x8, ldx, m0, n, acc, w.n); break;
-      case 6: gemv_block<6>(w, x8, ldx, m0, n, acc, w.n); break;
-      case 5: gemv_block<5>(w, x8, ldx, m0, n, acc, w.n); break;
-      case 4: gemv_block<4>(w, x8, ldx, m0, n, acc, w.n); break;
-      case 3: gemv_block<3>(w, x8, ldx, m0, n, acc, w.n); break;
-      case 2: gemv_block<2>(w, x8, ldx, m0, n, acc, w.n); break;
-      case 1: gemv_block<1>(w, x8, ldx, m0, n, acc, w.n); break;
-      default: break;
-    }
-  }
+#if DPQ_BF16
+// The fused kernel with AVX512-BF16 dot products (x8 bf16 [M, ldx], ldx a multiple of 32,
+// zero-padded): exact products, fp32 accumulation; chunks32_ok(w) only.
+template <int MB>
+static inline void gemv_block_bf16(const Weights& w, const uint16_t* x8, int64_t ldx, int64_t m0, int64_t n,
+                                   float* acc_out, int64_t ldacc) {
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  const uint16_t* xb = x8 + m0 * ldx;
+  row_chunks32(w, n, [&](int64_t c, __m512i v) {
+    for (int i = 0; i < MB; ++i)
+      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)v, (__m512bh)_mm512_loadu_si512(xb + i * ldx + 32 * c));
+  });
+  for (int i = 0; i < MB; ++i) acc_out[(m0 + i) * ldacc + n] = _mm512_reduce_add_ps(acc[i]);
 }
+#define DPQ_GEMV_BLOCK gemv_block_bf16
+#define DPQ_GEMV_ROWS gemv_rows_bf16
+#define DPQ_X_T uint16_t
+#include "dpq_cpu_rows.h"
+#endif
 
-static inline uint16_t bf16_rne(float f) {
-  uint32_t u;
-  __builtin_memcpy(&u, &f, 4);
-  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-// y[m, n] = (acc[m, n] * s_x[m]) * s_w[n] (+ bias[n]) in fp32, rounded to T: numerics.w4a8_matmul's
-// epilogue, operation for operation (no contraction to FMA: -ffp-contract=off).
+#define DPQ_GEMV_BLOCK gemv_block
+#define DPQ_GEMV_ROWS gemv_rows
+#define DPQ_X_T float
+#include "dpq_cpu_rows.h"
+// y[m, n] = (acc[m, n] * s_x[m]) * s_w[n] (+ bias[n]) in fp32, rounded to T (nearest even):
+// numerics.w4a8_matmul's epilogue, operation for operation.
 template <typename A, typename T>
 static void epilogue_rows(const A* acc, const float* sx, const float* sw, bool sw_per_n, const float* bias,
                           T* y, int64_t n, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
-    const A* a = acc + m * n;
-    T* o = y + m * n;
-    const float s = sx[m];
-    for (int64_t j = 0; j < n; ++j) {
-      float v = (static_cast<float>(a[j]) * s) * sw[sw_per_n ? j : 0];
-      if (bias) v = v + bias[j];
+    const vf s = vset1(sx[m]);
+    for (int64_t j = 0; j < n; j += W) {
+      const int c = (int)std::min<int64_t>(W, n - j);
+      vf v = (load_x(acc + m * n + j, c) * s) * (sw_per_n ? vloadn(sw + j, c) : vset1(sw[0]));
+      if (bias) v = v + vloadn(bias + j, c);
+      T* o = y + m * n + j;
       if constexpr (std::is_same_v<T, float>) {
-        o[j] = v;
+        vstoren(o, v, c);
       } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        reinterpret_cast<uint16_t*>(o)[j] = bf16_rne(v);
+        vi u = vcasti(v);
+        u = vand(vadd(u, vadd(vset1i(0x7fff), vand(vsrli(u, 16), vset1i(1)))), vset1i((int)0xffff0000u));
+        vstoren_bf16(o, vcast(u), c);
       } else {
-        o[j] = static_cast<T>(v);
+        alignas(64) float t[W];
+        vstore(t, v);
+        for (int i = 0; i < c; ++i) o[i] = static_cast<T>(t[i]);
       }
     }
   }
