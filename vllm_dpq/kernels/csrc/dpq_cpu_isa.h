@@ -182,14 +182,28 @@ static inline void row_chunks(const Weights& w, int64_t n, F&& f) {
 static inline bool chunks32_ok(const Weights& w) { return w.group % 32 == 0 || w.groups == 1; }
 
 static inline __m512i codes32(const int32_t* row, int nw) {  // words 4c..4c+3 -> 32 16-bit codes
-  const __m512i d = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi32((__mmask8)((1u << nw) - 1), row));
+  const __m128i b = nw >= 4 ? _mm_loadu_si128((const __m128i*)row) : _mm_maskz_loadu_epi32((__mmask8)((1u << nw) - 1), row);
+  const __m512i d = _mm512_cvtepu8_epi32(b);
   return _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(15)),
                          _mm512_slli_epi32(_mm512_and_si512(d, _mm512_set1_epi32(0xf0)), 12));
 }
 
-static inline __m512i lut16(float s, vf lim) {  // the 16 chain values in 16-bit lanes 0..15
-  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(make_lut(s, lim).v), 16));
-  return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+// The chain tables of groups g and g + 1 in one vector of 32 16-bit lanes (bf16 words; lanes
+// 0..15: group g's codes 0..15, lanes 16..31: group g + 1's). fp8 rounding is odd-symmetric,
+// so one rounding of |c| * s for |c| = 1..8 serves both signs: one fp8_round per two groups.
+static inline __m512i lut16x2(float s0, float s1, vf lim) {
+  const vf mag = _mm512_set_ps(8, 7, 6, 5, 4, 3, 2, 1, 8, 7, 6, 5, 4, 3, 2, 1);
+  const vf sc = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+  const vf r = fp8_round(_mm512_mul_ps(mag, sc), lim);  // lanes 0..7: |c| * s0, 8..15: |c| * s1
+  const __m512i m = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(r), 16)));
+  // lane 16h + e (code e of group h) <- lane 8h + (e < 8 ? 7 - e : e - 9), sign for e < 8, 0 for e == 8
+  const __m512i src = _mm512_set_epi16(14, 13, 12, 11, 10, 9, 8, 0, 8, 9, 10, 11, 12, 13, 14, 15,
+                                       6, 5, 4, 3, 2, 1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i sign = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, -32768, -32768, -32768, -32768, -32768, -32768,
+                                        -32768, -32768, 0, 0, 0, 0, 0, 0, 0, 0, -32768, -32768, -32768, -32768,
+                                        -32768, -32768, -32768, -32768);
+  const __mmask32 nonzero = ~((__mmask32)1 << 8 | (__mmask32)1 << 24);
+  return _mm512_or_si512(_mm512_maskz_permutexvar_epi16(nonzero, src, m), sign);
 }
 
 template <typename F>
@@ -199,11 +213,16 @@ static inline void row_chunks32(const Weights& w, int64_t n, F&& f) {
   const vf lim = vset1(w.fp8_max);
   const int64_t chunks = (w.k + 31) / 32;
   const int64_t per_group = w.groups == 1 ? chunks : w.group / 32;
+  const __m512i second = _mm512_set1_epi16(16);
   int64_t c = 0;
-  for (int64_t g = 0; g < w.groups; ++g) {
-    const __m512i lut = lut16(sr.at(g), lim);
-    for (const int64_t end = std::min(chunks, c + per_group); c < end; ++c)
-      f(c, _mm512_permutexvar_epi16(codes32(row + 4 * c, (int)std::min<int64_t>(4, w.kw - 4 * c)), lut));
+  for (int64_t g = 0; g < w.groups; g += 2) {
+    const __m512i lut = lut16x2(sr.at(g), sr.at(std::min(g + 1, w.groups - 1)), lim);
+    for (int h = 0; h < 2 && c < chunks; ++h) {
+      for (const int64_t end = std::min(chunks, c + per_group); c < end; ++c) {
+        __m512i idx = codes32(row + 4 * c, (int)std::min<int64_t>(4, w.kw - 4 * c));
+        f(c, _mm512_permutexvar_epi16(h ? _mm512_or_si512(idx, second) : idx, lut));
+      }
+    }
   }
 }
 
