@@ -2,8 +2,9 @@
 
 SmolLM2-135M's linear shapes (N, K) = (576, 576) q/o, (192, 576) k/v, (1536, 576) gate/up,
 (576, 1536) down; M in {1, 8, 32, 256}. Rows, each timed per call in one process, the rows
-interleaved call by call (so that other load on the machine hits every row alike), median of
---reps calls after warm-up:
+interleaved call by call (so that other load on the machine hits every row alike), each after
+writing --flush-mb MiB (untimed: the weights come from memory, as in a model, not from the
+caches the previous call left warm), median of --reps calls after warm-up:
 
   bf16          torch.matmul(x, W^T), bf16 weights and activations (the BF16 model's linear)
   fp32          the same in fp32 (the BF16 model's linear with dtype float32)
@@ -18,7 +19,8 @@ processes on a shared machine cannot inflate. Speedups are time(bf16 or fp32) / 
 to it (matplotlib if importable), and a printed table. The CPU's flags that matter (avx2,
 avx512f, avx512_bf16, amx) are recorded in the JSON.
 
-    PYTHONPATH=. python benchmarks/cpu_kernel.py --out results/cpu_kernel.json [--threads 1] [--reps 50]
+    PYTHONPATH=. python benchmarks/cpu_kernel.py --out results/cpu_kernel.json [--threads 1 --clock cpu]
+        [--reps 50] [--isa avx2]
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def layer(n: int, k: int, group: int):
     return W4A8Weights(pack_int4(q), s, torch.tensor([0.02]), None, k, group)
 
 
-def bench_shape(n: int, k: int, m: int, group: int, reps: int, clock) -> dict[str, float]:
+def bench_shape(n: int, k: int, m: int, group: int, reps: int, clock, flush: torch.Tensor | None) -> dict[str, float]:
     from vllm_dpq.kernels.cpu import CpuBackend, kernels
 
     backend = CpuBackend()
@@ -86,6 +88,8 @@ def bench_shape(n: int, k: int, m: int, group: int, reps: int, clock) -> dict[st
     times = {r: [] for r in ROWS}
     for i in range(reps + 3):
         for r in ROWS:
+            if flush is not None:  # weights from memory, as in a model (not timed)
+                flush.add_(1)
             t0 = clock()
             calls[r]()
             dt = clock() - t0
@@ -100,6 +104,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--group", type=int, default=32)
+    ap.add_argument("--isa", choices=("avx2", "avx512", "avx512bf16"), default=None,
+                    help="run the kernel's code for a lower ISA than this CPU's best (e.g. the AVX2 path; "
+                         "with VLLM_DPQ_CPU_GEMM=float32 for an AVX2-only CPU's choice)")
+    ap.add_argument("--flush-mb", type=int, default=64,
+                    help="MiB written before every call so that weights come from memory, not the caches (0: off)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: this thread's CPU time per call (with --threads 1: immune to other processes "
                          "taking the cores, not to their cache and memory traffic)")
@@ -109,16 +118,21 @@ def main(argv=None) -> int:
     if args.clock == "cpu" and torch.get_num_threads() != 1:
         ap.error("--clock cpu measures one thread: use it with --threads 1")
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    flush = torch.zeros(args.flush_mb << 18, dtype=torch.int32) if args.flush_mb else None
     from vllm_dpq.kernels.cpu import gemm_dtype, kernels
 
     ops = kernels()
+    if ops is None:
+        ap.error("the CPU kernel could not be built (see the warning)")
+    if args.isa:
+        ops.use_isa(args.isa)
     results = []
     print(f"CPU flags: {' '.join(cpu_flags())}; ISA {ops.isa()}; threads {torch.get_num_threads()}; {args.clock} clock; "
           f"DPQ GEMM dtype {gemm_dtype()}")
     print(f"{'N':>5} {'K':>5} {'M':>4} " + " ".join(f"{r:>11}" for r in ROWS) + "   dpq/bf16 dpq/fp32  (us)")
     for n, k in SHAPES:
         for m in MS:
-            t = bench_shape(n, k, m, args.group, args.reps, clock)
+            t = bench_shape(n, k, m, args.group, args.reps, clock, flush)
             best = min(t["bf16"], t["fp32"])
             results.append(dict(n=n, k=k, m=m, us=t, speed_vs_bf16=t["bf16"] / t["dpq"],
                                 speed_vs_fp32=t["fp32"] / t["dpq"], speed_vs_fastest=best / t["dpq"]))
@@ -129,7 +143,7 @@ def main(argv=None) -> int:
         print(f"M={m:>3} sum over shapes: dpq {tot['dpq']:.0f} us, bf16 {tot['bf16']:.0f}, fp32 {tot['fp32']:.0f}: "
               f"dpq vs fastest {min(tot['bf16'], tot['fp32']) / tot['dpq']:.2f}x")
     meta = dict(cpu=platform.processor() or platform.machine(), flags=cpu_flags(), isa=ops.isa(),
-                threads=torch.get_num_threads(), clock=args.clock, torch=torch.__version__, reps=args.reps, group=args.group,
+                threads=torch.get_num_threads(), clock=args.clock, flush_mb=args.flush_mb, torch=torch.__version__, reps=args.reps, group=args.group,
                 gemm_dtype=str(gemm_dtype()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
