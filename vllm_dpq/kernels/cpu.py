@@ -61,7 +61,10 @@ def gemm_dtype() -> torch.dtype:
     return GEMM_DTYPES[choice]
 
 
-FUSED_MAX_M = 8  # activation rows up to which the fused kernel beats dequantize + GEMM
+# activation rows up to which the fused kernel beats dequantize + GEMM, per kernel ISA
+# (benchmarks/cpu_kernel.py: with AVX2 the fp32 dequantization pass costs about as much as an
+# fp32 GEMM at M=32, so the fused kernel wins further)
+FUSED_MAX_M = {"avx512bf16": 8, "avx512": 8, "avx2": 32}
 CSRC = Path(__file__).parent / "csrc"
 
 
@@ -94,6 +97,7 @@ def kernels():
 class CpuState:
     gemm_dtype: torch.dtype
     weights: W4A8Weights
+    fused_max_m: int  # FUSED_MAX_M of the kernel's ISA
 
 
 class CpuBackend(Backend):
@@ -103,8 +107,8 @@ class CpuBackend(Backend):
         return None if device.type == "cpu" else f"runs on CPU only, not {device.type}"
 
     def prepare(self, w: W4A8Weights) -> CpuState:
-        kernels()  # build (or find) the kernel at load, not in the first forward
-        return CpuState(gemm_dtype(), w)
+        ops = kernels()  # build (or find) the kernel at load, not in the first forward
+        return CpuState(gemm_dtype(), w, FUSED_MAX_M[ops.isa()] if ops is not None else 0)
 
     def keeps_packed(self, state: CpuState):
         return True
@@ -116,5 +120,5 @@ class CpuBackend(Backend):
                                state.gemm_dtype)
         shape = x.shape
         y = ops.linear(x.reshape(-1, shape[-1]), w.packed, w.group_scale, w.weight_scale, w.input_scale, bias, w.k,
-                       w.group_size, w.fp8_max, state.gemm_dtype == torch.bfloat16, FUSED_MAX_M)
+                       w.group_size, w.fp8_max, state.gemm_dtype == torch.bfloat16, state.fused_max_m)
         return y.reshape(*shape[:-1], -1)
