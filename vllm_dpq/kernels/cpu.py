@@ -6,8 +6,8 @@ packed INT4 codes and group scales stay resident as loaded; a small C++ kernel
 (csrc/dpq_cpu.cpp, built at first use with the machine's compiler, AVX-512 or AVX2 chosen at
 run time) makes the FP8 weight values in registers from a 16-entry table per (row, group):
 
-  M <= FUSED_MAX_M  fused dequantization + dot products in fp32 (decode): the weights are read
-                    as INT4 only; the fp32 sum order differs from torch's GEMM.
+  M <= FUSED_MAX_M  fused dequantization + dot products, fp32 FMA or AVX512-BF16 (decode): the
+                    weights are read as INT4 only; the fp32 sum order differs from torch's GEMM.
   larger M          one dequantization pass to the GEMM dtype, then torch's GEMM (prefill):
                     bit-identical to numerics.w4a8_matmul in that dtype.
 
