@@ -6,8 +6,10 @@ interleaved call by call (so that other load on the machine hits every row alike
 writing --flush-mb MiB (untimed: the weights come from memory, as in a model, not from the
 caches the previous call left warm), median of --reps calls after warm-up:
 
-  bf16          torch.matmul(x, W^T), bf16 weights and activations (the BF16 model's linear)
+  bf16          torch.matmul(x, W^T), bf16 weights and activations
   fp32          the same in fp32 (the BF16 model's linear with dtype float32)
+  vllm_bf16     vLLM-CPU's own bf16 linear (oneDNN, weights prepacked at load: what the BF16
+                model runs in vLLM), where vLLM and its oneDNN ops are importable
   dpq           CpuBackend.apply, bf16 activations: INT4 resident, the path the backend picks
                 for this M (activation quantization and epilogue included)
   dpq_fused     the fused kernel (FP8 values made in registers + fp32 dot products) at every M
@@ -36,7 +38,7 @@ import torch
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 MS = [1, 8, 32, 256]
-ROWS = ["bf16", "fp32", "dpq", "dpq_fused", "dpq_dequant", "dpq_fp32act"]
+ROWS = ["bf16", "fp32", "vllm_bf16", "dpq", "dpq_fused", "dpq_dequant", "dpq_fp32act"]
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -60,6 +62,18 @@ def layer(n: int, k: int, group: int):
     return W4A8Weights(pack_int4(q), s, torch.tensor([0.02]), None, k, group)
 
 
+def vllm_linear(w: torch.Tensor, x: torch.Tensor):
+    """vLLM-CPU's bf16 linear for weight w (its oneDNN handle), or None without vLLM / oneDNN."""
+    try:
+        from vllm import _custom_ops as vops
+    except Exception:  # noqa: BLE001 - no vLLM here: the row is left out
+        return None
+    if not getattr(vops, "_supports_onednn", False):
+        return None
+    handle = vops.create_onednn_mm(w.t(), 32)
+    return lambda: vops.onednn_mm(handle, x, None)
+
+
 def bench_shape(n: int, k: int, m: int, group: int, reps: int, clock, flush: torch.Tensor | None) -> dict[str, float]:
     from vllm_dpq.kernels.cpu import CpuBackend, kernels
 
@@ -78,6 +92,7 @@ def bench_shape(n: int, k: int, m: int, group: int, reps: int, clock, flush: tor
                                   w.fp8_max, bf16_gemm, fused_max_m)
 
     calls = {
+        "vllm_bf16": vllm_linear(wb, x),
         "bf16": lambda: x @ wb.t(),
         "fp32": lambda: xf @ wf.t(),
         "dpq": lambda: backend.apply(state, x),
@@ -85,9 +100,10 @@ def bench_shape(n: int, k: int, m: int, group: int, reps: int, clock, flush: tor
         "dpq_dequant": direct(0),
         "dpq_fp32act": lambda: backend.apply(state, xf),
     }
-    times = {r: [] for r in ROWS}
+    rows = [r for r in ROWS if calls[r] is not None]
+    times = {r: [] for r in rows}
     for i in range(reps + 3):
-        for r in ROWS:
+        for r in rows:
             if flush is not None:  # weights from memory, as in a model (not timed)
                 flush.add_(1)
             t0 = clock()
@@ -129,19 +145,22 @@ def main(argv=None) -> int:
     results = []
     print(f"CPU flags: {' '.join(cpu_flags())}; ISA {ops.isa()}; threads {torch.get_num_threads()}; {args.clock} clock; "
           f"DPQ GEMM dtype {gemm_dtype()}")
-    print(f"{'N':>5} {'K':>5} {'M':>4} " + " ".join(f"{r:>11}" for r in ROWS) + "   dpq/bf16 dpq/fp32  (us)")
+    print(f"{'N':>5} {'K':>5} {'M':>4} " + " ".join(f"{r:>11}" for r in ROWS)
+          + "   dpq/bf16 dpq/fp32 dpq/fastest  (us; ratios: speed of dpq relative to the row)")
     for n, k in SHAPES:
         for m in MS:
             t = bench_shape(n, k, m, args.group, args.reps, clock, flush)
-            best = min(t["bf16"], t["fp32"])
+            best = min(t.get(r, float("inf")) for r in ("bf16", "fp32", "vllm_bf16"))
             results.append(dict(n=n, k=k, m=m, us=t, speed_vs_bf16=t["bf16"] / t["dpq"],
                                 speed_vs_fp32=t["fp32"] / t["dpq"], speed_vs_fastest=best / t["dpq"]))
-            print(f"{n:>5} {k:>5} {m:>4} " + " ".join(f"{t[r]:>11.1f}" for r in ROWS)
-                  + f"   {t['bf16'] / t['dpq']:>8.2f} {t['fp32'] / t['dpq']:>8.2f}", flush=True)
+            print(f"{n:>5} {k:>5} {m:>4} " + " ".join(f"{t.get(r, float('nan')):>11.1f}" for r in ROWS)
+                  + f"   {t['bf16'] / t['dpq']:>8.2f} {t['fp32'] / t['dpq']:>8.2f} {best / t['dpq']:>8.2f}", flush=True)
     for m in MS:  # per M over the four shapes, as a model step sees them
-        tot = {r: sum(x["us"][r] for x in results if x["m"] == m) for r in ROWS}
-        print(f"M={m:>3} sum over shapes: dpq {tot['dpq']:.0f} us, bf16 {tot['bf16']:.0f}, fp32 {tot['fp32']:.0f}: "
-              f"dpq vs fastest {min(tot['bf16'], tot['fp32']) / tot['dpq']:.2f}x")
+        tot = {r: sum(x["us"][r] for x in results if x["m"] == m) for r in results[0]["us"]}
+        base = {r: tot[r] for r in ("bf16", "fp32", "vllm_bf16") if r in tot}
+        print(f"M={m:>3} sum over shapes: dpq {tot['dpq']:.0f} us, "
+              + ", ".join(f"{r} {v:.0f}" for r, v in base.items())
+              + f": dpq vs fastest {min(base.values()) / tot['dpq']:.2f}x")
     meta = dict(cpu=platform.processor() or platform.machine(), flags=cpu_flags(), isa=ops.isa(),
                 threads=torch.get_num_threads(), clock=args.clock, flush_mb=args.flush_mb, torch=torch.__version__, reps=args.reps, group=args.group,
                 gemm_dtype=str(gemm_dtype()))
@@ -157,7 +176,7 @@ def main(argv=None) -> int:
     fig, axes = plt.subplots(1, len(SHAPES), figsize=(4 * len(SHAPES), 3.5), sharey=True)
     for ax, (n, k) in zip(axes, SHAPES):
         rs = [x for x in results if (x["n"], x["k"]) == (n, k)]
-        for r in ROWS:
+        for r in rs[0]["us"]:
             ax.plot([x["m"] for x in rs], [x["us"][r] for x in rs], marker="o", label=r)
         ax.set(xscale="log", yscale="log", title=f"N={n} K={k}", xlabel="M")
     axes[0].set_ylabel("us per call (median)")
