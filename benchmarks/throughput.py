@@ -7,7 +7,7 @@ Workloads (synthetic token-id prompts from a fixed seed, temperature 0, ignore_e
   prefill  16 requests x 512 input tokens x 16 output tokens
 
     python benchmarks/throughput.py --config bf16=MODEL_DIR --config dpq=CKPT \\
-        [--config dpq-bf16cache=CKPT:VLLM_DPQ_CPU_WEIGHTS=bf16] [--config fp8=MODEL_DIR:quantization=fp8] \\
+        [--config bf16-fp32=MODEL_DIR:dtype=float32] [--config fp8=MODEL_DIR:quantization=fp8] \\
         [--runs 3] [--workloads decode,prefill] [--eager] [--memory-only]
 
 A configuration is NAME=PATH[:KEY=VALUE,...]: upper-case keys are environment variables,

@@ -37,16 +37,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT = "DPQ_RESULT "
 ENGINE_TIMEOUT = 900  # s for one child (engine start ~17 s eager on an idle 2-core CPU, minutes when loaded)
 CLI = [sys.executable, "-m", "vllm_dpq.cli"]
-DPQ_VARS = ("VLLM_DPQ_BACKEND", "VLLM_DPQ_CPU_WEIGHTS")
+DPQ_VARS = ("VLLM_DPQ_BACKEND",)
 
 
-def engine_env(tp: int = 1, weights: str | None = None, backend: str | None = None,
-               apply_model: bool = False, in_process: bool = False) -> dict:
+def engine_env(tp: int = 1, backend: str | None = None, apply_model: bool = False, in_process: bool = False) -> dict:
     """The environment of an engine (or `vllm-dpq serve`) process started by a test.
 
     A small KV cache (the machine has little memory to spare); no VLLM_PLUGINS (an allow-list
-    without "dpq" would skip the plugin silently); the DPQ variables set only when asked
-    (``weights``: VLLM_DPQ_CPU_WEIGHTS, default int4 residency; ``backend``: VLLM_DPQ_BACKEND);
+    without "dpq" would skip the plugin silently); the DPQ variables unset (the defaults), but
+    ``backend`` (VLLM_DPQ_BACKEND) when asked;
     one core per rank for tensor parallel; ``apply_model`` allows ``LLM.apply_model`` to pickle
     a function (local only); ``in_process`` runs the engine core in the child itself
     (VLLM_ENABLE_V1_MULTIPROCESSING=0; with ``distributed_executor_backend="uni"`` the worker too):
@@ -56,9 +55,8 @@ def engine_env(tp: int = 1, weights: str | None = None, backend: str | None = No
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     for var in ("VLLM_PLUGINS", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING", *DPQ_VARS):
         env.pop(var, None)
-    for var, value in zip(DPQ_VARS, (backend, weights)):
-        if value:
-            env[var] = value
+    if backend:
+        env["VLLM_DPQ_BACKEND"] = backend
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
     if apply_model:

@@ -3,21 +3,44 @@
 import pytest
 import torch
 
-from vllm_dpq.kernels import BACKENDS, ENV_BACKEND, select_backend
-from vllm_dpq.kernels.cpu import ENV_WEIGHTS
-from vllm_dpq.numerics import FP8_DTYPE, Scheme, quantize_activation, reference_linear
+from vllm_dpq.kernels import BACKENDS, ENV_BACKEND, cpu, select_backend
+from vllm_dpq.numerics import FP8_DTYPE, Scheme, quantize_activation, reference_linear, w4a8_matmul
 
-from kernel_cases import close, make  # tests/kernel_cases.py, shared with the Triton tests
+# tests/kernel_cases.py, shared with the Triton tests
+from kernel_cases import (ACT_STATIC_SCALES, SCALE_DTYPES, activation_input, activation_mismatch, close, make,
+                          synthetic_weights, tile_mismatches)
 
-VARIANTS = [("cpu", "int4"), ("cpu", "fp8"), ("cpu", "bf16"), ("scaled_mm", "int4"), ("triton", "int4")]
+# the cpu backend's two paths: fused (M <= FUSED_MAX_M) and dequantize + torch GEMM (forced here)
+VARIANTS = [("cpu", "fused"), ("cpu", "dequant"), ("scaled_mm", None), ("triton", None)]
 assert {b for b, _ in VARIANTS} == set(BACKENDS), "every backend is tested against the reference"
+ISAS = ["avx512bf16", "avx512", "avx2"]
 
 
-@pytest.mark.parametrize("backend,cpu_weights", VARIANTS)
+def cpu_path(monkeypatch, path):
+    assert min(cpu.FUSED_MAX_M.values()) >= 7, "the tests' M=7 inputs take the fused path by default"
+    if path == "dequant":
+        monkeypatch.setattr(cpu, "FUSED_MAX_M", dict.fromkeys(cpu.FUSED_MAX_M, 0))
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Each kernel ISA this CPU runs (the AVX2 code runs on AVX-512 CPUs too)."""
+    ops = cpu.kernels()
+    if ops is None:
+        pytest.skip("the CPU kernel cannot be built here (see the warning)")
+    try:
+        before = ops.use_isa(request.param)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    yield ops
+    ops.use_isa(before)
+
+
+@pytest.mark.parametrize("backend,path", VARIANTS)
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("n,k,g", [(96, 576, 128), (40, 72, 32), (64, 1536, 64), (33, 100, -1)])
-def test_backend_matches_reference(backend, cpu_weights, static, n, k, g, monkeypatch):
-    monkeypatch.setenv(ENV_WEIGHTS, cpu_weights)
+@pytest.mark.parametrize("n,k,g", [(96, 576, 128), (40, 72, 32), (64, 1536, 64), (33, 100, -1), (24, 200, 24)])
+def test_backend_matches_reference(backend, path, static, n, k, g, monkeypatch):
+    cpu_path(monkeypatch, path)
     scheme = Scheme(group_size=g, weight_scale="channel" if k == 100 else "tensor")
     qw, x, s_x, bias, weights = make(n, k, scheme, static)
     b = BACKENDS[backend]
@@ -36,28 +59,72 @@ def test_backend_matches_reference(backend, cpu_weights, static, n, k, g, monkey
 
 
 @pytest.mark.parametrize("gemm", ["bfloat16", "float32"])
-@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("static", [False, True])
-def test_cpu_backend_gemm_dtypes(gemm, x_dtype, static, monkeypatch):
-    """Both GEMM dtypes the CPU backend can choose, with bf16 and fp32 activations: fp32 is the
-    reference's own computation (bit-identical), bf16 within one bf16 ulp."""
-    from vllm_dpq.kernels.cpu import ENV_GEMM
-
-    monkeypatch.setenv(ENV_GEMM, gemm)
-    monkeypatch.delenv(ENV_WEIGHTS, raising=False)
+@pytest.mark.parametrize("path", ["fused", "dequant"])
+def test_cpu_backend_gemm_dtypes(gemm, x_dtype, static, path, isa, monkeypatch):
+    """Both GEMM dtypes the CPU backend can choose, bf16/fp16/fp32 activations, both kernel
+    paths and ISAs. Dequantize + GEMM is numerics.w4a8_matmul's own computation in that dtype
+    (bit-identical) and within one bf16 ulp of the fp32 reference; the fused kernel sums in fp32
+    in its own order: within one ulp of the output dtype, and fp32 summation order of the
+    reference (bounded by the sum of |products|)."""
+    monkeypatch.setenv(cpu.ENV_GEMM, gemm)
+    cpu_path(monkeypatch, path)
     scheme = Scheme(group_size=32)
     qw, x, s_x, bias, weights = make(48, 160, scheme, static, dtype=x_dtype)
     state = BACKENDS["cpu"].prepare(weights)
     assert state.gemm_dtype == getattr(torch, gemm)
     y = BACKENDS["cpu"].apply(state, x, bias)
-    ref = reference_linear(x, qw, scheme.fp8_max, s_x, bias, out_dtype=x_dtype)
     assert y.dtype == x_dtype
-    assert torch.equal(y, ref) if gemm == "float32" else close(y, ref, bias)
+    ref = reference_linear(x, qw, scheme.fp8_max, s_x, bias, out_dtype=x_dtype)
+    assert close(y, ref, bias)
+    if path == "dequant":
+        same = w4a8_matmul(x, weights.fp8_values(), weights.weight_scale, scheme.fp8_max, s_x, bias, x_dtype,
+                           state.gemm_dtype)
+        assert torch.equal(y, same)
+    elif x_dtype == torch.float32:
+        x8, s = quantize_activation(x, s_x)
+        w8 = weights.fp8_values()
+        magnitude = (x8.abs() @ w8.abs().t()) * s * weights.weight_scale
+        assert ((y - ref).abs() <= 160 * 2.0**-23 * magnitude + 1e-6).all()
+
+
+@pytest.mark.parametrize("sdt", SCALE_DTYPES)
+@pytest.mark.parametrize("n,k,g", [(24, 72, 32), (40, 100, 64), (40, 256, 128), (24, 100, -1), (16, 200, 64),
+                                   (24, 96, 96), (17, 13, 4), (8, 40, 24)])
+def test_cpu_kernel_dequantize_is_exact(sdt, n, k, g, isa):
+    """The kernel's FP8 weight values equal W4A8Weights.fp8_values() byte for byte (saturating,
+    subnormal and tie-rounding group scales; groups that are and are not multiples of the
+    vector width; ragged last groups; per channel)."""
+    w = synthetic_weights(n, k, g, getattr(torch, sdt))
+    for dtype in (torch.float32, torch.bfloat16):
+        w8 = isa.dequantize(w.packed, w.group_scale, w.k, w.group_size, w.fp8_max, dtype)
+        assert w8.dtype == dtype and tile_mismatches(w8.float().to(FP8_DTYPE), w) == 0
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,k", [(6, 300), (1, 576), (5, 17)])
+def test_cpu_kernel_quantizes_activations_exactly(x_dtype, m, k, isa):
+    """One-pass activation quantization == numerics.quantize_activation, bit for bit (values over
+    2**-20..2**10, a zero row, e4m3 subnormals; dynamic and static scales, saturating ones)."""
+    x = activation_input(m, k, x_dtype, torch.Generator().manual_seed(m * k))
+    for scale in ACT_STATIC_SCALES:
+        s = None if scale is None else torch.tensor([scale])
+        x8, s_x = isa.quantize(x, s, 448.0)
+        assert activation_mismatch(x8.to(FP8_DTYPE), s_x.reshape(-1), x, s, 448.0) is None
+
+
+def test_cpu_backend_without_its_kernel(monkeypatch):
+    """Where the kernel cannot be built the backend computes the same numerics with torch ops."""
+    monkeypatch.setattr(cpu, "kernels", lambda: None)
+    monkeypatch.setenv(cpu.ENV_GEMM, "float32")
+    scheme = Scheme(group_size=32)
+    qw, x, s_x, bias, weights = make(48, 160, scheme, False)
+    state = BACKENDS["cpu"].prepare(weights)
+    assert torch.equal(BACKENDS["cpu"].apply(state, x, bias), reference_linear(x, qw, scheme.fp8_max, s_x, bias))
 
 
 def test_cpu_gemm_dtype_follows_the_cpu(monkeypatch):
-    from vllm_dpq.kernels import cpu
-
     monkeypatch.delenv(cpu.ENV_GEMM, raising=False)
     for bf16, amx, want in ((True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
@@ -98,13 +165,6 @@ def test_dispatch_picks_cpu_and_honours_override(monkeypatch):
     monkeypatch.delenv(ENV_BACKEND)
     with pytest.raises(RuntimeError, match="no DPQ backend"):
         select_backend(weights, "meta")
-
-
-def test_cpu_weight_mode_validation(monkeypatch):
-    monkeypatch.setenv(ENV_WEIGHTS, "fp4")
-    _, _, _, _, weights = make(16, 64, Scheme(group_size=32), False)
-    with pytest.raises(ValueError, match=ENV_WEIGHTS):
-        BACKENDS["cpu"].prepare(weights)
 
 
 def test_kernels_import_without_vllm():

@@ -125,7 +125,7 @@ def reference_logprobs(path: Path, tokens: list[list[int]]) -> list[torch.Tensor
 def test_vllm_serves_dpq_checkpoint(tmp_path, scheme_name):
     pytest.importorskip("vllm")
     ckpt = make_checkpoint(tmp_path / "ckpt", **SCHEMES[scheme_name])
-    # default VLLM_DPQ_CPU_WEIGHTS: INT4 codes resident; apply_model(resident_bytes) needs pickling
+    # the cpu backend keeps the INT4 codes resident; apply_model(resident_bytes) needs pickling
     run = engine.run_engine(__file__, {"model": str(ckpt)}, tmp_path / "job",
                             engine.engine_env(backend="cpu", apply_model=True), timeout=600)
     result = run.ok()

@@ -85,7 +85,7 @@ def server(checkpoint, tmp_path_factory):
 
     port = free_port()
     log = tmp_path_factory.mktemp("server-log") / "server.log"
-    env = engine.engine_env()  # default backend and CPU weight residency (int4)
+    env = engine.engine_env()  # default backend (cpu, INT4 resident)
     cmd = [*vllm_dpq_command(), "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", "1024", "--enforce-eager", "--gpu-memory-utilization", "0.3"]
     with open(log, "w") as f:

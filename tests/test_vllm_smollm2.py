@@ -69,8 +69,8 @@ MISSING = "model.layers.3.mlp.down_proj.weight_group_scale"
 
 
 def run_engine(job: dict, tmp: Path, tp: int = 1) -> engine.EngineRun:
-    """This file as a vLLM job, with the FP8 values cached in bf16 (VLLM_DPQ_CPU_WEIGHTS=bf16)."""
-    return engine.run_engine(__file__, job, tmp, engine.engine_env(tp, weights="bf16"))
+    """This file as a vLLM job (the default backend: cpu, INT4 resident)."""
+    return engine.run_engine(__file__, job, tmp, engine.engine_env(tp))
 
 
 def chat_prompts(model: Path) -> list[list[int]]:
@@ -208,9 +208,7 @@ def tp_ckpt(smollm2, work):
 
 def test_parity_with_reference(dynamic_ckpt, work):
     """vLLM (explicit quantization="dpq") against the fp32 reference forward, teacher-forced on
-    vLLM's greedy tokens. VLLM_DPQ_CPU_WEIGHTS=bf16 for speed: the default int4 residency
-    computes the same numerics (checked bit-identical tokens and logprobs on these prompts) but
-    rebuilds the FP8 weights every step, ~10x slower decode; tests/test_server.py runs int4."""
+    vLLM's greedy tokens."""
     from transformers import AutoTokenizer
 
     from vllm_dpq.reference import load_reference_model
@@ -234,8 +232,7 @@ def test_parity_with_reference(dynamic_ckpt, work):
 
 
 def test_tensor_parallel_2_matches_1(tp_ckpt, work):
-    """Static activation scales, group 32; VLLM_DPQ_CPU_WEIGHTS=bf16 for speed (the same
-    numerics as the default int4 residency: bit-identical tokens and logprobs, checked)."""
+    """Static activation scales, group 32."""
     if (os.cpu_count() or 1) < 2:
         pytest.skip("tensor parallel 2 on CPU needs 2 cores")
     prompts = chat_prompts(tp_ckpt)

