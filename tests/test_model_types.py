@@ -244,4 +244,4 @@ def run_job(job: dict) -> dict:
 
 
 if __name__ == "__main__":
-    engine.child_main(run_job)  # python tests/test_architectures.py JOB.json
+    engine.child_main(run_job)  # python tests/test_model_types.py JOB.json
