@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from calibration.model import (
     LayerInputs, ResidentWeights, capture_first_layer_inputs, decoder_layers, layers_prefix, quantizable_linears,
 )
 from vllm_dpq.numerics import QuantizedWeight, quantize_activation
-from vllm_dpq.shards import trim_heap
+from vllm_dpq.shards import bound_heap, trim_heap
 
 logger = logging.getLogger("calibration")
 
@@ -100,7 +100,11 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
         h = hess[share[name]][0] if recipe.needs_hessian else None
         res = quantize_layer(lin.weight.data.float(), h, recipe)
         lin.weight.data = res.w_eff.to(device=lin.weight.device, dtype=lin.weight.dtype)
-        result.layers[name] = QuantizedLayer(res.qw, 0.0)
+        qw = res.qw  # codes and scales to the host: one copy per Linear, none per column
+        result.layers[name] = QuantizedLayer(replace(qw, q=qw.q.cpu(), group_scale=qw.group_scale.cpu(),
+                                                     weight_scale=qw.weight_scale.cpu()), 0.0)
+        del res, qw
+        trim_heap()  # the quantizer's temporaries, freed: back to the OS before the next Linear
     hess.clear()
 
     def record(name, x):
@@ -141,6 +145,7 @@ def calibrate(model: nn.Module, samples: torch.Tensor, recipe: Recipe, ignore: l
 
     device = torch.device(device)
     weights = weights or ResidentWeights()
+    bound_heap()
     t0 = time.perf_counter()
     layers, prefix = decoder_layers(model), layers_prefix(model)
     if not any(quantizable_linears(layer, f"{prefix}.{i}", ignore) for i, layer in enumerate(layers)):
