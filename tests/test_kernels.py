@@ -191,3 +191,18 @@ def test_every_backend_gets_a_checked_layout(field, bad, words):
     for forced in (None, "cpu", "scaled_mm"):
         with pytest.raises(ValueError, match=words):
             select_backend(replace(weights, **{field: bad}), "cpu", override=forced)
+
+
+def test_cpu_kernel_loads_past_a_dead_builders_lock():
+    """A build killed mid-way leaves torch's lock file behind, on which torch's loader would
+    wait forever (every later vLLM start hung); the kernel loader removes it and loads."""
+    import subprocess
+    import sys
+
+    build = cpu.build_directory()
+    build.mkdir(parents=True, exist_ok=True)
+    (build / "lock").touch()
+    r = subprocess.run([sys.executable, "-c", "from vllm_dpq.kernels.cpu import kernels; print(kernels() is not None)"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.stdout.strip() == "True", r.stderr[-3000:]
+    assert not (build / "lock").exists()

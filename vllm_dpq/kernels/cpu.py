@@ -68,17 +68,42 @@ FUSED_MAX_M = {"avx512bf16": 8, "avx512": 8, "avx2": 32}
 CSRC = Path(__file__).parent / "csrc"
 
 
+def build_directory() -> Path:
+    """Where torch's extension loader builds csrc/: one folder per source hash."""
+    import sys
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CSRC.glob("dpq_cpu*")))).hexdigest()[:12]
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return root / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / f"vllm_dpq_cpu_{digest}"
+
+
+def _build_and_load() -> None:
+    """Compile csrc/ (once per source hash, ~35 s) and load it. Builders take an OS file lock
+    first, so torch's own lock file, if present then, was left by a builder that died (killed
+    mid-build): it is removed instead of waited on forever, as torch's loader would."""
+    import fcntl
+
+    from torch.utils.cpp_extension import load
+
+    build = build_directory()
+    name = build.name
+    build.mkdir(parents=True, exist_ok=True)
+    with open(build / "vllm_dpq.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released by the OS if this process dies
+        (build / "lock").unlink(missing_ok=True)
+        load(name=name, sources=[str(CSRC / "dpq_cpu.cpp")], extra_include_paths=[str(CSRC)],
+             extra_cflags=["-O3", "-ffp-contract=off"], is_python_module=False, build_directory=str(build))
+
+
 @functools.cache
 def kernels():
     """torch.ops.vllm_dpq_cpu (csrc/dpq_cpu.cpp), compiled at first use and cached by torch
     (~/.cache/torch_extensions, keyed by the source's hash); None where it cannot be built or
     run (the reason is logged once)."""
     try:
-        from torch.utils.cpp_extension import load
-
-        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CSRC.glob("dpq_cpu*")))).hexdigest()[:12]
-        load(name=f"vllm_dpq_cpu_{digest}", sources=[str(CSRC / "dpq_cpu.cpp")], extra_include_paths=[str(CSRC)],
-             extra_cflags=["-O3", "-ffp-contract=off"], is_python_module=False)
+        _build_and_load()
         ops = torch.ops.vllm_dpq_cpu
         if ops.isa() == "none":
             raise RuntimeError("this CPU has neither AVX2 + FMA nor AVX-512")
