@@ -13,8 +13,10 @@ from test_plugin_engine import MAX_TOKENS, reference_logprobs, run_vllm
 
 PATTERNS = {
     "suffix": ("down_proj", {f"model.layers.{i}.mlp.down_proj" for i in range(2)}),
-    "glob": ("model.layers.*.self_attn.[qk]_proj", {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2)
-                                                    for p in "qk"}),
+    # a glob naming all of q/k/v: vLLM fuses them into one layer of one scheme (a checkpoint
+    # ignoring only some of them is refused at load, naming the fused layer)
+    "glob": ("model.layers.*.self_attn.[qkv]_proj", {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2)
+                                                     for p in "qkv"}),
     "regex": (r"re:model\.layers\.1\.mlp\.", {f"model.layers.1.mlp.{p}_proj" for p in ("gate", "up", "down")}),
 }
 

@@ -10,16 +10,18 @@ from vllm_dpq.numerics import FP8_DTYPE, Scheme, quantize_activation, reference_
 from kernel_cases import (ACT_STATIC_SCALES, SCALE_DTYPES, activation_input, activation_mismatch, close, make,
                           synthetic_weights, tile_mismatches)
 
-# the cpu backend's two paths: fused (M <= FUSED_MAX_M) and dequantize + torch GEMM (forced here)
+# the cpu backend's two paths: fused (M <= FUSED_MAX_M, VLLM_DPQ_CPU_FUSED=1) and dequantize + torch GEMM
 VARIANTS = [("cpu", "fused"), ("cpu", "dequant"), ("scaled_mm", None), ("triton", None)]
 assert {b for b, _ in VARIANTS} == set(BACKENDS), "every backend is tested against the reference"
 ISAS = ["avx512bf16", "avx512", "avx2"]
 
 
 def cpu_path(monkeypatch, path):
-    assert min(cpu.FUSED_MAX_M.values()) >= 7, "the tests' M=7 inputs take the fused path by default"
-    if path == "dequant":
-        monkeypatch.setattr(cpu, "FUSED_MAX_M", dict.fromkeys(cpu.FUSED_MAX_M, 0))
+    assert min(cpu.FUSED_MAX_M.values()) >= 7, "the tests' M=7 inputs take the fused path when it is on"
+    if path == "fused":
+        monkeypatch.setenv(cpu.ENV_FUSED, "1")
+    else:
+        monkeypatch.delenv(cpu.ENV_FUSED, raising=False)
 
 
 @pytest.fixture(params=ISAS)

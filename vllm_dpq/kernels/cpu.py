@@ -6,10 +6,12 @@ packed INT4 codes and group scales stay resident as loaded; a small C++ kernel
 (csrc/dpq_cpu.cpp, built at first use with the machine's compiler, AVX-512 or AVX2 chosen at
 run time) makes the FP8 weight values in registers from a 16-entry table per (row, group):
 
-  M <= FUSED_MAX_M  fused dequantization + dot products, fp32 FMA or AVX512-BF16 (decode): the
-                    weights are read as INT4 only; the fp32 sum order differs from torch's GEMM.
-  larger M          one dequantization pass to the GEMM dtype, then torch's GEMM (prefill):
-                    bit-identical to numerics.w4a8_matmul in that dtype.
+  larger M          one dequantization pass to the GEMM dtype, then torch's GEMM: bit-identical
+                    to numerics.w4a8_matmul in that dtype (the default for every M).
+  M <= FUSED_MAX_M  with $VLLM_DPQ_CPU_FUSED=1: fused dequantization + dot products, fp32 FMA or
+                    AVX512-BF16 (decode): the weights are read as INT4 only, but the fp32 sums
+                    run in another order than the GEMM path's, so a request's greedy output
+                    then depends on how many rows share the call (the batch), as BF16's does.
 
 Activations are quantized in one pass (bf16, fp16 or fp32 in; the output has their dtype).
 The GEMM dtype is chosen at load from the CPU ($VLLM_DPQ_CPU_GEMM=auto): bf16 where the CPU
@@ -65,6 +67,7 @@ def gemm_dtype() -> torch.dtype:
 # (benchmarks/cpu_kernel.py: with AVX2 the fp32 dequantization pass costs about as much as an
 # fp32 GEMM at M=32, so the fused kernel wins further)
 FUSED_MAX_M = {"avx512bf16": 8, "avx512": 8, "avx2": 32}
+ENV_FUSED = "VLLM_DPQ_CPU_FUSED"  # 1: the fused kernel for M <= FUSED_MAX_M (faster, batch-variant)
 CSRC = Path(__file__).parent / "csrc"
 
 
@@ -133,7 +136,8 @@ class CpuBackend(Backend):
 
     def prepare(self, w: W4A8Weights) -> CpuState:
         ops = kernels()  # build (or find) the kernel at load, not in the first forward
-        return CpuState(gemm_dtype(), w, FUSED_MAX_M[ops.isa()] if ops is not None else 0)
+        fused = ops is not None and os.environ.get(ENV_FUSED, "0") == "1"
+        return CpuState(gemm_dtype(), w, FUSED_MAX_M[ops.isa()] if fused else 0)
 
     def keeps_packed(self, state: CpuState):
         return True
