@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from conftest import corpus, save_tiny_model_dir
