@@ -3,8 +3,8 @@ shards `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`, c
 a small BPE tokenizer trained on a text, so `vllm-dpq quantize` and transformers read the
 folder like a downloaded model.
 
-The weights are written shard by shard (one shard in memory at a time), so building a model
-needs about one shard of RAM, not the whole model twice. Linear and embedding weights are
+The weights are written tensor by tensor (vllm_dpq.shards.write_shards), so building a model
+needs about one tensor of RAM, not the whole model. Linear and embedding weights are
 N(0, 0.02) (Llama's initializer_range), norms are ones: random, but forward passes stay finite.
 """
 
@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-BF16 = 2
 MARKER = "synthetic_shape.json"  # written last: a folder without it is incomplete
 
 
@@ -94,30 +92,15 @@ def llama_width(hidden: int, layers: int, vocab: int = 32000) -> Shape:
                  kv_heads=max(1, heads // 4), layers=layers, vocab=vocab)
 
 
-def shard_plan(shape: Shape, max_shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
-    """Tensors grouped into shards of at most max_shard_bytes (bf16), in file order; a tensor
-    larger than that gets a shard of its own, as transformers' save_pretrained does."""
-    shards: list[list] = [[]]
-    size = 0
-    for name, s in shape.tensors():
-        nbytes = _numel(s) * BF16
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, s))
-        size += nbytes
-    return shards
-
-
-def write_tokenizer(folder: Path, text_file: Path, vocab: int = 4096) -> None:
-    """A byte-level BPE tokenizer trained on text_file (ids < vocab, so < any model vocab above it)."""
+def write_tokenizer(folder: Path, text: str, vocab: int = 4096) -> None:
+    """A byte-level BPE tokenizer trained on text (ids < vocab; <unk> <s> </s> = 0 1 2)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    tok.train_from_iterator([Path(text_file).read_text(encoding="utf-8")[:300_000]], trainer)
+    tok.train_from_iterator([text], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                             eos_token="</s>").save_pretrained(folder)
 
@@ -125,47 +108,37 @@ def write_tokenizer(folder: Path, text_file: Path, vocab: int = 4096) -> None:
 def build_model(folder: str | os.PathLike, shape: Shape, text_file: str | os.PathLike, seed: int = 0,
                 max_shard_bytes: int = 1 << 30) -> Path:
     """Write a random model of `shape` to folder (reused if a complete one of the same shape is
-    there). Built in a sibling folder and renamed into place, so a killed build is never reused."""
+    there), tensor by tensor into shards (vllm_dpq.shards), atomically: a killed build is
+    never reused."""
     import torch
-    from safetensors.torch import save_file
     from transformers import LlamaConfig, Qwen2Config
+
+    from vllm_dpq.format import write_folder_atomically
+    from vllm_dpq.shards import Entry, write_shards
 
     folder = Path(folder)
     want = {**asdict(shape), "seed": seed, "max_shard_bytes": max_shard_bytes}
     marker = folder / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == want:
         return folder
-    tmp = folder.with_name(folder.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
-    plan = shard_plan(shape, max_shard_bytes)
-    weight_map, total = {}, 0
-    for k, shard in enumerate(plan):
-        fname = f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
-        tensors = {}
-        for name, s in shard:
-            if name.endswith("norm.weight"):
-                t = torch.ones(s, dtype=torch.bfloat16)
-            else:
-                t = (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16)
-            tensors[name] = t
-            weight_map[name] = fname
-            total += t.numel() * BF16
-        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-        del tensors
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    config_cls = Qwen2Config if shape.qkv_bias else LlamaConfig
-    config = config_cls(**shape.hf_config())
-    config.dtype = torch.bfloat16
-    config.architectures = [("Qwen2" if shape.qkv_bias else "Llama") + "ForCausalLM"]
-    config.save_pretrained(tmp)
-    write_tokenizer(tmp, Path(text_file))
-    (tmp / MARKER).write_text(json.dumps(want))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
+
+    def tensor(name: str, s: tuple[int, ...]) -> torch.Tensor:  # drawn in write order: deterministic
+        if name.endswith("norm.weight"):
+            return torch.ones(s, dtype=torch.bfloat16)
+        return (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16)
+
+    def write(tmp: Path) -> None:
+        write_shards(tmp, [Entry(n, torch.bfloat16, s, lambda n=n, s=s: tensor(n, s)) for n, s in shape.tensors()],
+                     max_shard_bytes)
+        config = (Qwen2Config if shape.qkv_bias else LlamaConfig)(**shape.hf_config())
+        config.dtype = torch.bfloat16
+        config.architectures = [("Qwen2" if shape.qkv_bias else "Llama") + "ForCausalLM"]
+        config.save_pretrained(tmp)
+        write_tokenizer(tmp, Path(text_file).read_text(encoding="utf-8")[:300_000])
+        (tmp / MARKER).write_text(json.dumps(want))
+
+    return write_folder_atomically(folder, True, write)
 
 
 def main(argv: list[str] | None = None) -> int:

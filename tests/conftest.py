@@ -71,15 +71,9 @@ def save_tiny_model_dir(path: Path, arch: str = "llama", layers: int = 2, text: 
 
 def save_tokenizer(path: Path, text: str | None = None) -> None:
     """A small byte-level BPE tokenizer (512 tokens, <unk> <s> </s> = 0 1 2) trained on text, saved to path."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from benchmarks.synthetic_model import write_tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"])
-    sample = text or "The quick brown fox jumps over the lazy dog. " * 50
-    tok.train_from_iterator([sample], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    write_tokenizer(path, text or "The quick brown fox jumps over the lazy dog. " * 50, vocab=512)
 
 
 def fp8(x: torch.Tensor) -> torch.Tensor:
