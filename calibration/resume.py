@@ -112,9 +112,13 @@ class CommittedLayers(Mapping):
     def __init__(self, files: TensorFiles):
         self.files = files
         self.names = sorted(n[: -len(PACKED) - 1] for n in files if n.endswith("." + PACKED))
+        self._known = set(self.names)
+
+    def __contains__(self, name) -> bool:  # Mapping's default would read the layer to find out
+        return name in self._known
 
     def __getitem__(self, name: str):
-        if name not in self.names:
+        if name not in self._known:
             raise KeyError(name)
         t = {s: self.files[f"{name}.{s}"] for s in (PACKED, GROUP_SCALE, WEIGHT_SCALE, "input_amax", "shape")}
         n, k, g = t["shape"].tolist()
