@@ -87,11 +87,12 @@ def peak_rss_of_quantize(tmp_path, layers: int) -> tuple[int, int]:
 
 
 def test_host_memory_does_not_grow_with_depth(tmp_path):
-    """4 and 24 layers of hidden 512: 20 more layers are 230 MiB more in fp32 (the calibration
+    """4 and 44 layers of hidden 512: 40 more layers are 460 MiB more in fp32 (the calibration
     dtype here), all of which a whole-model load adds to peak RSS; streaming must add less
-    than 15% of it (measured: 586 MiB both; +49 MiB before vllm_dpq.shards.bound_heap)."""
-    (small, small_bytes), (big, big_bytes) = (peak_rss_of_quantize(tmp_path, n) for n in (4, 24))
+    than 15% of it. Peak RSS varies by about +-30 MiB from run to run at any depth (seen at 4
+    and 24 layers: 658-674 and 660-690 MiB), hence the depth."""
+    (small, small_bytes), (big, big_bytes) = (peak_rss_of_quantize(tmp_path, n) for n in (4, 44))
     extra = big_bytes - small_bytes
-    print(f"peak RSS {small / 2**20:.0f} MiB at 4 layers, {big / 2**20:.0f} MiB at 24 (+{extra / 2**20:.0f} MiB "
+    print(f"peak RSS {small / 2**20:.0f} MiB at 4 layers, {big / 2**20:.0f} MiB at 44 (+{extra / 2**20:.0f} MiB "
           "of fp32 weights)")
     assert big - small < 0.15 * extra, (small, big, extra)
