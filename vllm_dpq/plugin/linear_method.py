@@ -17,13 +17,14 @@ activations is not bit-identical to TP = 1. Static s_x is identical.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import PerTensorScaleParameter
 
 from vllm_dpq.format import GROUP_SCALE, PACKED, CheckpointError
-from vllm_dpq.kernels import ENV_BACKEND, select_backend
+from vllm_dpq.kernels import ENV_BACKEND, Backend, W4A8Weights, select_backend
 from vllm_dpq.kernels.cpu import ENV_GEMM, native_bf16, kernels as cpu_kernels
 from vllm_dpq.packing import PACK_FACTOR
 
@@ -70,6 +71,42 @@ def _loaded_shards(param, n_shards: int) -> set[int]:
         for s in shard if isinstance(shard, tuple) else (shard,):
             done.add(_QKV.get(s, s))
     return done
+
+
+def announce(key: str, level: int, msg: str, *args) -> None:
+    """Log once per process per key."""
+    if key not in _announced:
+        _announced.add(key)
+        logger.log(level, msg, *args)
+
+
+def mismatch_warner(prefix: str):
+    """on_mismatch for StoredScheme.weights: each kind of mismatch is warned once per process."""
+    def warn_once(msg, *args):
+        announce(f"mismatch:{msg}", logging.WARNING, "DPQ: %s: " + msg + " (warned once)", prefix, *args)
+    return warn_once
+
+
+def prepare_backend(weights: W4A8Weights, device: torch.device) -> tuple[Backend, Any]:
+    """Select the backend for one GEMM's weights and prepare its state (the choice is logged once)."""
+    backend = select_backend(weights, device)
+    announce(f"backend:{backend.name}", logging.INFO, "DPQ: using backend %s (%s to override)", backend.name,
+             ENV_BACKEND)
+    state = backend.prepare(weights)
+    if backend.name == "cpu":
+        ops = cpu_kernels()
+        announce("cpu:gemm", logging.INFO, "DPQ: CPU kernel %s, GEMMs in %s (%s; %s to override)",
+                 ops.isa() if ops is not None else "unavailable (torch fallback)", state.gemm_dtype,
+                 "native bf16" if native_bf16() else "this CPU has no native bf16", ENV_GEMM)
+    return backend, state
+
+
+def free_weight_data(layer: torch.nn.Module, names) -> None:
+    """Empty the named parameters (a backend that keeps its own copy of the weights needs none)."""
+    for name in names:
+        param = getattr(layer, name, None)  # a compressed-tensors import has no group scale param
+        if param is not None:
+            param.data = param.data.new_empty((0,))
 
 
 class DPQLinearMethod(LinearMethodBase):
@@ -119,34 +156,14 @@ class DPQLinearMethod(LinearMethodBase):
                 except CheckpointError as e:
                     raise CheckpointError(f"{e} (missing from the checkpoint or invalid)") from None
 
-    def _once(self, key: str, level: int, msg: str, *args) -> None:
-        if key not in _announced:
-            _announced.add(key)
-            logger.log(level, msg, *args)
-
     def process_weights_after_loading(self, layer) -> None:
         self._validate(layer)
-
-        def warn_once(msg, *args):
-            self._once(f"mismatch:{msg}", logging.WARNING, "DPQ: %s: " + msg + " (warned once)", self.prefix, *args)
-
-        weights = self.stored.weights(layer, warn_once)
-        backend = select_backend(weights, layer.weight_packed.device)
-        self._once(f"backend:{backend.name}", logging.INFO,
-                   "DPQ: using backend %s (%s to override)", backend.name, ENV_BACKEND)
-        state = backend.prepare(weights)
-        if backend.name == "cpu":
-            ops = cpu_kernels()
-            self._once("cpu:gemm", logging.INFO, "DPQ: CPU kernel %s, GEMMs in %s (%s; %s to override)",
-                       ops.isa() if ops is not None else "unavailable (torch fallback)", state.gemm_dtype,
-                       "native bf16" if native_bf16() else "this CPU has no native bf16", ENV_GEMM)
+        weights = self.stored.weights(layer, mismatch_warner(self.prefix))
+        backend, state = prepare_backend(weights, layer.weight_packed.device)
         layer._dpq_backend = backend
         layer._dpq_state = state
         if not backend.keeps_packed(state):  # the backend made its own copy: free ours
-            for name in (PACKED, GROUP_SCALE):
-                param = getattr(layer, name, None)  # a compressed-tensors import has no group scale param
-                if param is not None:
-                    param.data = param.data.new_empty((0,))
+            free_weight_data(layer, (PACKED, GROUP_SCALE))
             weights = weights.without_weight_data()
         layer._dpq_weights = weights  # what the backend was given (minus freed data), for tests
 
