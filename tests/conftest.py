@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,33 @@ def save_tokenizer(path: Path, text: str | None = None) -> None:
 def fp8(x: torch.Tensor) -> torch.Tensor:
     """The FP8 step by hand: saturate to +-448, round to the nearest e4m3fn value (ties to even)."""
     return x.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def vllm_distributed(world_size: int = 1, rank: int = 0, port: int | None = None):
+    """A gloo process group (tensor parallel over world_size ranks, this process being rank)
+    and a current vLLM config, as vLLM's workers have: what vLLM's parallel layers need."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import cleanup_dist_env_and_memory, init_distributed_environment, initialize_model_parallel
+
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(world_size=world_size, rank=rank, local_rank=rank, backend="gloo",
+                                     distributed_init_method=f"tcp://127.0.0.1:{port or free_port()}")
+        initialize_model_parallel(world_size, 1)
+        try:
+            yield
+        finally:
+            cleanup_dist_env_and_memory()
+
+
+@pytest.fixture(scope="module")
+def tp1():
+    """World size 1 (see vllm_distributed)."""
+    with vllm_distributed():
+        yield

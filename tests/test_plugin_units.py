@@ -4,7 +4,6 @@ layers against the reference numerics, and clear errors for missing or bad tenso
 from __future__ import annotations
 
 import logging
-import socket
 
 import pytest
 import torch
@@ -99,23 +98,6 @@ def test_registered_with_vllm():
 
 
 # ----------------------------------------------------------------------------- layers
-
-
-@pytest.fixture(scope="module")
-def tp1():
-    """A world-size-1 gloo process group and a current vLLM config, as vLLM's workers have."""
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import cleanup_dist_env_and_memory, init_distributed_environment, initialize_model_parallel
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                     distributed_init_method=f"tcp://127.0.0.1:{port}")
-        initialize_model_parallel(1, 1)
-        yield
-        cleanup_dist_env_and_memory()
 
 
 def build(kind: str, cfg, k: int):

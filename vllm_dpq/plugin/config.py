@@ -64,10 +64,15 @@ class DPQQuantConfig(QuantizationConfig):
         self.stored.apply_vllm_mapper(hf_to_vllm_mapper)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        from vllm.model_executor.layers.fused_moe import RoutedExperts
         from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 
         from vllm_dpq.plugin.linear_method import DPQLinearMethod
 
+        if isinstance(layer, RoutedExperts):  # a fused-MoE layer's routed experts
+            from vllm_dpq.plugin.moe_method import moe_quant_method
+
+            return moe_quant_method(self, layer, prefix)
         quantized = self.stored.quantizes(layer, prefix, self.packed_modules_mapping)
         if not isinstance(layer, LinearBase):
             return None
