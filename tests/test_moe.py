@@ -181,3 +181,37 @@ def test_resume_keeps_expert_stats(tmp_path):
     restored = CalibrationResult()
     restored.restore(stats)
     assert done == 0 and restored.stats() == result.stats() and torch.equal(hidden[0], torch.zeros(1, 2, 4))
+
+
+def test_export_to_stock_vllm_moe(moe_family, tmp_path):
+    """`--target compressed-tensors` + export: every expert projection under its per-expert name
+    in stock vLLM's W4A8-FP8 layout, bit-exact to our W_eff, routers in the ignore list. Experts
+    with sizes stock vLLM's W4A8 MoE cannot take (not multiples of 256) are refused, named once
+    per projection."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vllm_dpq.format import read_checkpoint
+    import vllm_dpq.interop as ct
+
+    with pytest.raises(ct.InteropError, match=r"experts\.\*\.w1: \[N, K\] = \[64, 128\].*multiples of 256"):
+        ct.export_compressed_tensors(moe_family["mixtral"][1], tmp_path / "refused")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen3_moe", **{**COMMON, **MOE, "hidden_size": 256, "head_dim": 64,
+                                                  "moe_intermediate_size": 256, "num_experts": 4})
+    src, dpq, out = tmp_path / "src", tmp_path / "dpq", tmp_path / "ct"
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(src)
+    save_tokenizer(src, corpus("austen_sensesensibility.txt").read_text()[:20000])
+    quantize(src, dpq, "--method", "dpq", "--target", "compressed-tensors", "--group-size", "128")
+    report = ct.export_compressed_tensors(dpq, out, exact=True)
+    ckpt = read_checkpoint(dpq)
+    experts = [p for p in ckpt.layers if ".experts." in p]
+    assert len(experts) == 2 * 4 * 3 and report.exact
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert {"model.layers.0.mlp.gate", "model.layers.1.mlp.gate", "lm_head"} <= set(ignore)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        for p in experts:
+            qw = ckpt.quantized(p)
+            assert torch.equal(f.get_tensor(f"{p}.weight_packed"), ckpt.tensors[f"{p}.weight_packed"]), p
+            assert torch.equal(ct.folded_effective_weight(qw.q, f.get_tensor(f"{p}.weight_scale"), 128),
+                               qw.dequantize(448.0)), p
