@@ -215,3 +215,34 @@ def test_export_to_stock_vllm_moe(moe_family, tmp_path):
             assert torch.equal(f.get_tensor(f"{p}.weight_packed"), ckpt.tensors[f"{p}.weight_packed"]), p
             assert torch.equal(ct.folded_effective_weight(qw.q, f.get_tensor(f"{p}.weight_scale"), 128),
                                qw.dequantize(448.0)), p
+
+
+@pytest.mark.parametrize("case", ["missing expert tensor", "fewer experts in config"])
+def test_incomplete_moe_checkpoint_is_refused(moe_family, tmp_path, case):
+    """read_checkpoint (and so the reference forward, inspect, export) names what is wrong."""
+    from test_format import corrupt
+
+    from vllm_dpq.format import CheckpointError, read_checkpoint
+
+    p = "model.layers.0.mlp.experts.3.up_proj"
+    fn, message = {
+        "missing expert tensor": (lambda t, c, m: t.pop(f"{p}.weight_group_scale"), f"missing tensor {p}.weight_group_scale"),
+        "fewer experts in config": (lambda t, c, m: c.update(num_local_experts=2),
+                                    "layer model.layers.0.mlp.experts.2.down_proj: in dpq_manifest.json, not in config"),
+    }[case]
+    bad = corrupt(moe_family["qwen3_moe"][1], tmp_path / "bad", fn)
+    with pytest.raises(CheckpointError, match=message.replace(".", r"\.")):
+        read_checkpoint(bad)
+
+
+def test_synthetic_moe_model_is_a_qwen3_moe(tmp_path):
+    """benchmarks/synthetic_model.py with experts: a folder transformers loads with every weight."""
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.synthetic_model import Shape, build_model
+
+    shape = Shape(hidden=128, intermediate=64, heads=4, kv_heads=2, layers=2, vocab=512, experts=4)
+    folder = build_model(tmp_path / "moe", shape, corpus("austen_sensesensibility.txt"))
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM" and not any(info.values()), info
+    assert sum(p.numel() for p in model.parameters()) == shape.params()
