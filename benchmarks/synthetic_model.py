@@ -1,4 +1,5 @@
-"""Synthetic random Llama-style models on disk, as Hugging Face writes them: bf16 safetensors
+"""Synthetic random Llama-style models (and Qwen3-MoE-style ones: ``Shape.experts``) on disk,
+as Hugging Face writes them: bf16 safetensors
 shards `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`, config.json and
 a small BPE tokenizer trained on a text, so `vllm-dpq quantize` and transformers read the
 folder like a downloaded model.
@@ -20,7 +21,9 @@ MARKER = "synthetic_shape.json"  # written last: a folder without it is incomple
 
 @dataclass(frozen=True)
 class Shape:
-    """The dimensions of a Llama-style decoder-only model (GQA, SwiGLU MLP, RMSNorm)."""
+    """The dimensions of a Llama-style decoder-only model (GQA, SwiGLU MLP, RMSNorm); with
+    ``experts``, a Qwen3-MoE one: every MLP is that many SwiGLU experts of ``intermediate``
+    each, top_k routed, and q/k norms."""
 
     hidden: int
     intermediate: int
@@ -30,6 +33,8 @@ class Shape:
     vocab: int = 32000
     tied: bool = False
     qkv_bias: bool = False  # Qwen2: q/k/v projections have a bias
+    experts: int = 0
+    top_k: int = 2
 
     @property
     def head_dim(self) -> int:
@@ -43,11 +48,17 @@ class Shape:
             out.append((p + f"self_attn.{name}_proj.weight", (rows, h)))
             if self.qkv_bias:
                 out.append((p + f"self_attn.{name}_proj.bias", (rows,)))
+        if self.experts:
+            out += [(p + "self_attn.q_norm.weight", (d,)), (p + "self_attn.k_norm.weight", (d,))]
         out += [(p + "self_attn.o_proj.weight", (h, self.heads * d)),
-                (p + "post_attention_layernorm.weight", (h,)),
-                (p + "mlp.gate_proj.weight", (self.intermediate, h)),
-                (p + "mlp.up_proj.weight", (self.intermediate, h)),
-                (p + "mlp.down_proj.weight", (h, self.intermediate))]
+                (p + "post_attention_layernorm.weight", (h,))]
+        mlps = [f"mlp.experts.{e}." for e in range(self.experts)] if self.experts else ["mlp."]
+        if self.experts:
+            out.append((p + "mlp.gate.weight", (self.experts, h)))
+        for m in mlps:
+            out += [(p + m + "gate_proj.weight", (self.intermediate, h)),
+                    (p + m + "up_proj.weight", (self.intermediate, h)),
+                    (p + m + "down_proj.weight", (h, self.intermediate))]
         return out
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -67,11 +78,22 @@ class Shape:
     def params(self) -> int:
         return sum(_numel(s) for _, s in self.tensors())
 
-    def hf_config(self) -> dict:
-        return {"hidden_size": self.hidden, "intermediate_size": self.intermediate,
-                "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
-                "num_hidden_layers": self.layers, "vocab_size": self.vocab, "tie_word_embeddings": self.tied,
-                "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2}
+    def hf_config(self):
+        from transformers import LlamaConfig, Qwen2Config, Qwen3MoeConfig
+
+        d = {"hidden_size": self.hidden, "intermediate_size": self.intermediate,
+             "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+             "num_hidden_layers": self.layers, "vocab_size": self.vocab, "tie_word_embeddings": self.tied,
+             "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2}
+        if self.experts:
+            config = Qwen3MoeConfig(**d, head_dim=self.head_dim, moe_intermediate_size=self.intermediate,
+                                    num_experts=self.experts, num_experts_per_tok=self.top_k, norm_topk_prob=True)
+            config.architectures = ["Qwen3MoeForCausalLM"]
+        else:
+            config = (Qwen2Config if self.qkv_bias else LlamaConfig)(**d)
+            config.architectures = [("Qwen2" if self.qkv_bias else "Llama") + "ForCausalLM"]
+        config.dtype = "bfloat16"
+        return config
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -111,7 +133,6 @@ def build_model(folder: str | os.PathLike, shape: Shape, text_file: str | os.Pat
     there), tensor by tensor into shards (vllm_dpq.shards), atomically: a killed build is
     never reused."""
     import torch
-    from transformers import LlamaConfig, Qwen2Config
 
     from vllm_dpq.format import write_folder_atomically
     from vllm_dpq.shards import Entry, write_shards
@@ -131,10 +152,7 @@ def build_model(folder: str | os.PathLike, shape: Shape, text_file: str | os.Pat
     def write(tmp: Path) -> None:
         write_shards(tmp, [Entry(n, torch.bfloat16, s, lambda n=n, s=s: tensor(n, s)) for n, s in shape.tensors()],
                      max_shard_bytes)
-        config = (Qwen2Config if shape.qkv_bias else LlamaConfig)(**shape.hf_config())
-        config.dtype = torch.bfloat16
-        config.architectures = [("Qwen2" if shape.qkv_bias else "Llama") + "ForCausalLM"]
-        config.save_pretrained(tmp)
+        shape.hf_config().save_pretrained(tmp)
         write_tokenizer(tmp, Path(text_file).read_text(encoding="utf-8")[:300_000])
         (tmp / MARKER).write_text(json.dumps(want))
 

@@ -34,6 +34,7 @@ METHODS = ("rtn", "gptq", "dpq")
 ORDERS = ("none", "gar", "act")
 SCALE_SEARCHES = ("max", "mse")
 CODES = ("round", "nearest")
+EXPERT_ROUTING = ("routed", "all")
 # mse scale search: candidate s_g / s_g(max), a coarse grid then +-0.04 around each group's best
 # (Python floats holding fp32 values: no tensor, so nothing to move to the layer's device)
 MSE_COARSE = (torch.arange(60, 106, 5).float() / 100).tolist()
@@ -60,6 +61,11 @@ class Recipe:
     refit_scales: bool | None = None  # fit each group's scale as the loop reaches it (standard GPTQ)
     hessian_fp8: bool = False  # Hessian from FP8-quantized inputs (what inference sees)
     fold: str = "none"  # none | vllm: scales in stock vLLM's folded form (compressed-tensors export)
+    # MoE (docs/ALGORITHMS.md, "Mixture of experts"): Hessians of routed experts from the tokens
+    # routed to each ("routed") or from every token ("all"); an expert that saw fewer than
+    # expert_min_tokens tokens is quantized by rtn and takes its static scale from its siblings
+    experts: str = "routed"
+    expert_min_tokens: int = 64
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -86,6 +92,10 @@ class Recipe:
             raise ValueError(f"damp must be in [0, 1), got {self.damp}")
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.experts not in EXPERT_ROUTING:
+            raise ValueError(f"experts must be one of {EXPERT_ROUTING}, got {self.experts!r}")
+        if self.expert_min_tokens < 0:
+            raise ValueError(f"expert_min_tokens must be >= 0, got {self.expert_min_tokens}")
 
     @property
     def needs_hessian(self) -> bool:

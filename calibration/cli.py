@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from calibration.algorithms import CODES, METHODS, ORDERS, PAPER_RECIPE, SCALE_SEARCHES, Recipe
+from calibration.algorithms import CODES, EXPERT_ROUTING, METHODS, ORDERS, PAPER_RECIPE, SCALE_SEARCHES, Recipe
 from vllm_dpq.numerics import Scheme
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,6 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-scale", choices=("tensor", "channel"), default="tensor", help="FP8 weight scale granularity")
     p.add_argument("--group-scale-dtype", choices=("bfloat16", "float8_e4m3fn"), default="bfloat16")
     p.add_argument("--ignore", action="append", default=[], help="Linear names/globs/re:regex to keep unquantized")
+    p.add_argument("--moe-experts", choices=EXPERT_ROUTING, default="routed",
+                   help="MoE: each expert's Hessian from the tokens routed to it (default) or from every "
+                        "calibration token (all: every expert runs on every token in the Hessian pass; the "
+                        "layer's output still sums the routed experts only)")
+    p.add_argument("--moe-min-tokens", type=int, default=64,
+                   help="MoE: an expert projection that saw fewer tokens is quantized by rtn and takes the "
+                        "largest static input scale of its siblings (default 64; reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--calib-dtype", choices=("auto", *DTYPES), default="auto",
@@ -113,7 +120,23 @@ def recipe_from_args(args) -> Recipe:
         scheme = folded_scheme()
         opts["fold"] = "vllm"
     order = "gar" if args.gar else "act" if args.act_order else "none"
-    return Recipe(method=args.method, scheme=scheme, order=order, damp=args.damp, block_size=args.block_size, **opts)
+    return Recipe(method=args.method, scheme=scheme, order=order, damp=args.damp, block_size=args.block_size,
+                  experts=args.moe_experts, expert_min_tokens=args.moe_min_tokens, **opts)
+
+
+def expert_report(result) -> list[str]:
+    """One line per MoE block: how many calibration tokens its experts saw, and what fell back."""
+    lines = []
+    for block, counts in result.expert_tokens.items():
+        line = (f"{block}: calibration tokens per expert min {min(counts)} / median "
+                f"{sorted(counts)[len(counts) // 2]} / max {max(counts)}")
+        for kind, what in (("rtn", "quantized by rtn"), ("scale", "static scale from siblings")):
+            few = [n.removeprefix(block + ".") for n, kinds in result.expert_fallbacks.items()
+                   if n.startswith(block + ".") and kind in kinds]
+            if few:
+                line += f"; {len(few)} {what} ({', '.join(few[:4])}{', ...' if len(few) > 4 else ''})"
+        lines.append(line)
+    return lines
 
 
 def run(args) -> int:
@@ -174,6 +197,8 @@ def run(args) -> int:
     out = save_checkpoint(args.output, model, tokenizer, result, config, DTYPES[args.save_dtype],
                           args.overwrite or args.resume, weights.files, max_shard, progress=True)
     state.finish()
+    for line in expert_report(result):
+        print(line, file=sys.stderr)
     peak_gb = peak_rss_bytes() / 2**30
     total = time.perf_counter() - t0
     print(f"wrote {out}: {len(result.layers)} layers quantized in {result.seconds:.0f} s "
@@ -184,6 +209,7 @@ def run(args) -> int:
         Path(args.stats_json).write_text(json.dumps({
             "calibration_seconds": result.seconds, "total_seconds": total, "peak_rss_gib": peak_gb,
             "layer_errors": result.layer_errors, "recipe": recipe.to_dict(), "scheme": recipe.scheme.to_dict(),
+            "expert_tokens": result.expert_tokens, "expert_fallbacks": result.expert_fallbacks,
         }, indent=1))
     return 0
 

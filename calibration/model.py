@@ -12,9 +12,11 @@ from torch import nn
 
 from calibration import CalibrationError
 from vllm_dpq.format import is_ignored
+from vllm_dpq.moe import MOE_FAMILIES, router_names
 from vllm_dpq.shards import TensorFileError, TensorFiles
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2")
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2")
+SUPPORTED_TYPES = (*DENSE_TYPES, *MOE_FAMILIES)
 
 
 class UnsupportedModelError(CalibrationError):
@@ -121,7 +123,8 @@ class ResidentWeights:
 
 class StreamedWeights:
     """Parameters read from the source checkpoint when a module is needed (straight to the
-    compute device, in the skeleton's dtype), and dropped back to the meta device after."""
+    compute device, in the skeleton's dtype), and dropped back to the meta device after; the
+    buffers the checkpoint stores are read too (the skeleton computed the others)."""
 
     def __init__(self, files: TensorFiles):
         self.files = files
@@ -137,6 +140,10 @@ class StreamedWeights:
                 raise CalibrationError(f"tensor {full}: shape {list(t.shape)} in the checkpoint, the model's config "
                                        f"expects {list(p.shape)}")
             _set_parameter(module, name, t.to(device=device, dtype=p.dtype))
+        for name, b in list(module.named_buffers(recurse=recurse)):  # stored buffers (a router's bias, ...)
+            if prefix + name in self.files:
+                owner, _, leaf = name.rpartition(".")
+                module.get_submodule(owner)._buffers[leaf] = self.files[prefix + name].to(device=device, dtype=b.dtype)
 
     def release(self, module: nn.Module) -> None:
         for name, p in list(module.named_parameters()):
@@ -163,11 +170,12 @@ def layers_prefix(model: nn.Module) -> str:
 
 
 def quantizable_linears(layer: nn.Module, prefix: str, ignore: list[str]) -> dict[str, nn.Linear]:
-    """Full name -> nn.Linear inside one decoder layer, minus ignored ones."""
+    """Full name -> nn.Linear inside one decoder layer, minus ignored ones and MoE routers."""
+    routers = set(router_names(layer))
     return {
         f"{prefix}.{name}": mod
         for name, mod in layer.named_modules()
-        if isinstance(mod, nn.Linear) and not is_ignored(f"{prefix}.{name}", ignore)
+        if isinstance(mod, nn.Linear) and name not in routers and not is_ignored(f"{prefix}.{name}", ignore)
     }
 
 

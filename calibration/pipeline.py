@@ -27,6 +27,7 @@ from calibration.algorithms import Recipe, hessian_update, quantize_layer
 from calibration.model import (
     LayerInputs, ResidentWeights, capture_first_layer_inputs, decoder_layers, layers_prefix, quantizable_linears,
 )
+from vllm_dpq.moe import expert_siblings, moe_blocks, unfuse_experts
 from vllm_dpq.numerics import QuantizedWeight, quantize_activation
 from vllm_dpq.shards import bound_heap, trim_heap
 
@@ -44,7 +45,22 @@ class CalibrationResult:
     # in memory, or (with a CalibrationState) read back from its work folder one layer at a time
     layers: Mapping[str, QuantizedLayer] = field(default_factory=dict)
     layer_errors: list[float] = field(default_factory=list)  # relative output error per decoder layer
+    # MoE: tokens routed to each expert of each block (in the quantized model), and the expert
+    # Linears that saw fewer than recipe.expert_min_tokens -> what fell back: "rtn" (too few in
+    # the Hessian pass), "scale" (too few routed: static scale from the siblings)
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    expert_fallbacks: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def stats(self) -> dict:
+        """What a resumed run needs besides the layers (JSON)."""
+        return {"errors": self.layer_errors, "expert_tokens": self.expert_tokens,
+                "expert_fallbacks": self.expert_fallbacks}
+
+    def restore(self, stats: dict) -> None:
+        self.layer_errors = list(stats["errors"])
+        self.expert_tokens = dict(stats["expert_tokens"])
+        self.expert_fallbacks = dict(stats["expert_fallbacks"])
 
 
 def _hooked(linears: dict[str, nn.Linear], fn):
@@ -84,8 +100,11 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
         hess[name] = hessian_update(h, n, x)
 
     reference = []  # pass 1 (skipped by rtn, which needs no Hessian: no layer error then)
+    blocks = moe_blocks(layer)
     if recipe.needs_hessian:
         handles, seen, share = _hooked(linears, accumulate)
+        for experts in blocks.values():
+            experts.route_all = recipe.experts == "all"
         try:
             for hidden, kwargs in zip(inputs.hidden, inputs.kwargs[prefix]):
                 seen.clear()
@@ -95,10 +114,21 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
         finally:
             for h in handles:
                 h.remove()
+            for experts in blocks.values():
+                experts.route_all = False
 
+    def starved(name: str, tokens: int) -> bool:  # only experts can see too few tokens
+        return expert_siblings(name) != name and tokens < recipe.expert_min_tokens
+
+    fallback = replace(recipe, method="rtn", scale_search=None, codes=None, refit_scales=None)
     for name, lin in linears.items():
-        h = hess[share[name]][0] if recipe.needs_hessian else None
-        res = quantize_layer(lin.weight.data.float(), h, recipe)
+        h, n = hess.get(share.get(name), (None, 0)) if recipe.needs_hessian else (None, 0)
+        use = recipe
+        if recipe.needs_hessian and starved(name, n):
+            use, h = fallback, None
+            result.expert_fallbacks.setdefault(name, []).append("rtn")
+            logger.info("%s: %d calibration tokens (< %d): rtn", name, n, recipe.expert_min_tokens)
+        res = quantize_layer(lin.weight.data.float(), h, use)
         lin.weight.data = res.w_eff.to(device=lin.weight.device, dtype=lin.weight.dtype)
         qw = res.qw  # codes and scales to the host: one copy per Linear, none per column
         result.layers[name] = QuantizedLayer(replace(qw, q=qw.q.cpu(), group_scale=qw.group_scale.cpu(),
@@ -107,9 +137,12 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
         trim_heap()  # the quantizer's temporaries, freed: back to the OS before the next Linear
     hess.clear()
 
+    tokens: dict[str, int] = {}
+
     def record(name, x):
         entry = result.layers[name]
         entry.input_amax = max(entry.input_amax, x.detach().abs().max().item())
+        tokens[name] = tokens.get(name, 0) + x[..., 0].numel()
 
     handles, seen, share = _hooked(linears, record)
     err_num = err_den = 0.0
@@ -129,7 +162,29 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
             h.remove()
     for name, rep in share.items():  # layers sharing an input share its amax
         result.layers[name].input_amax = result.layers[rep].input_amax
+        tokens[name] = tokens[rep]
+    _expert_scales(linears, tokens, starved, result)
+    for name, experts in blocks.items():  # an expert's tokens: those its first projection saw
+        result.expert_tokens[f"{prefix}.{name}"] = [tokens.get(f"{prefix}.{name}.{e}.{x.names[0]}", 0)
+                                                    for e, x in enumerate(experts)]
     return (err_num / err_den) ** 0.5 if err_den else float("nan")
+
+
+def _expert_scales(linears, tokens: dict[str, int], starved, result: CalibrationResult) -> None:
+    """An expert projection that saw too few tokens takes the largest input amax of the same
+    projection of the block's other experts (its own, from a few tokens or none, would clip
+    the first inputs routed to it at inference)."""
+    siblings: dict[str, list[str]] = {}
+    for name in linears:
+        siblings.setdefault(expert_siblings(name), []).append(name)
+    for key, names in siblings.items():
+        if key in names:  # not an expert projection
+            continue
+        amax = max(result.layers[n].input_amax for n in names)
+        for n in names:
+            if starved(n, tokens.get(n, 0)):
+                result.layers[n].input_amax = amax
+                result.expert_fallbacks.setdefault(n, []).append("scale")
 
 
 def calibrate(model: nn.Module, samples: torch.Tensor, recipe: Recipe, ignore: list[str],
@@ -147,6 +202,7 @@ def calibrate(model: nn.Module, samples: torch.Tensor, recipe: Recipe, ignore: l
     weights = weights or ResidentWeights()
     bound_heap()
     t0 = time.perf_counter()
+    unfuse_experts(model)  # MoE: one nn.Linear per expert projection, under the checkpoint's names
     layers, prefix = decoder_layers(model), layers_prefix(model)
     if not any(quantizable_linears(layer, f"{prefix}.{i}", ignore) for i, layer in enumerate(layers)):
         raise CalibrationError(f"no Linear layer to quantize in the decoder layers (ignore list: {ignore})")
@@ -156,7 +212,8 @@ def calibrate(model: nn.Module, samples: torch.Tensor, recipe: Recipe, ignore: l
     start = 0
     saved = state.load() if state is not None and resume else None
     if saved is not None:
-        done, result.layer_errors, hidden = saved
+        done, stats, hidden = saved
+        result.restore(stats)
         inputs.hidden = [h.to(device) for h in hidden]
         start = done + 1
         logger.warning("resuming after layer %d of %d", done, len(layers))
@@ -173,7 +230,7 @@ def calibrate(model: nn.Module, samples: torch.Tensor, recipe: Recipe, ignore: l
         result.layer_errors.append(err)
         if state is not None:
             done = {n: result.layers.pop(n) for n in result.layers.keys() - before}
-            state.commit(i, done, result.layer_errors, inputs.hidden)
+            state.commit(i, done, result.stats(), inputs.hidden)
         if err == err:  # rtn measures no layer error (nan)
             bar.set_postfix(err=f"{err:.4f}")
             logger.info("layer %d: relative output error %.5f", i, err)

@@ -7,7 +7,8 @@ Work folder (beside the output, removed once the checkpoint is written):
     layer_0000.safetensors  packed codes, scales and input amax of each Linear of layer 0
                             (the writer reads the checkpoint's quantized tensors from these)
     hidden.safetensors      inputs of the next layer (exact, in the calibration dtype)
-    progress.json           {"done": i, "errors": [...]}: written last, the commit point
+    progress.json           {"done": i, "stats": {...}}: written last, the commit point
+                            (stats: CalibrationResult.stats(), per-layer errors, expert tokens)
 Every file is written to a temporary name and renamed, so a kill at any instant leaves the
 previous commit intact.
 """
@@ -69,7 +70,7 @@ class CalibrationState:
         self.folder.mkdir(parents=True)
         _write_json(self.folder / "fingerprint.json", self.fingerprint)
 
-    def commit(self, index: int, layers: dict[str, Any], errors: list[float], hidden: list[torch.Tensor]) -> None:
+    def commit(self, index: int, layers: dict[str, Any], stats: dict[str, Any], hidden: list[torch.Tensor]) -> None:
         """Layer `index` is done: its quantized Linears, and the inputs of layer index + 1."""
         tensors = {}
         for name, ql in layers.items():
@@ -78,14 +79,14 @@ class CalibrationState:
             tensors[f"{name}.shape"] = torch.tensor([*ql.qw.shape, ql.qw.group_size])
         _write_tensors(self.folder / f"layer_{index:04d}.safetensors", tensors)
         _write_tensors(self.folder / "hidden.safetensors", {f"{b}": h.cpu() for b, h in enumerate(hidden)})
-        _write_json(self.folder / "progress.json", {"done": index, "errors": errors})
+        _write_json(self.folder / "progress.json", {"done": index, "stats": stats})
 
     def finish(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     # ---------------------------------------------------------------- reading
-    def load(self) -> tuple[int, list[float], list[torch.Tensor]] | None:
-        """(last done layer, errors, next inputs), or None if nothing committed."""
+    def load(self) -> tuple[int, dict[str, Any], list[torch.Tensor]] | None:
+        """(last done layer, stats, next inputs), or None if nothing committed."""
         fp = self.folder / "fingerprint.json"
         if not fp.exists():
             return None
@@ -97,7 +98,7 @@ class CalibrationState:
             return None
         p = json.loads(progress.read_text())
         h = load_file(str(self.folder / "hidden.safetensors"))
-        return p["done"], p["errors"], [h[f"{b}"] for b in range(len(h))]
+        return p["done"], p["stats"], [h[f"{b}"] for b in range(len(h))]
 
     def layers(self) -> "CommittedLayers":
         """Every committed layer's results, read from the work folder on access."""

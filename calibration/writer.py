@@ -18,6 +18,7 @@ from torch import nn
 from calibration.pipeline import CalibrationResult
 from vllm_dpq import __version__
 from vllm_dpq.format import DPQConfig, expected_tensors, layer_tensors, write_folder_atomically, write_manifest
+from vllm_dpq.moe import router_names
 from vllm_dpq.shards import DEFAULT_SHARD_BYTES, Entry, write_shards
 
 
@@ -56,9 +57,11 @@ def _converted(source: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype
 
 
 def unquantized_linears(model: nn.Module, result: CalibrationResult) -> list[str]:
-    """The concrete name of every Linear calibration left unquantized (lm_head, ignored ones):
-    the checkpoint's ``ignore`` list, so the server skips exactly these."""
-    return sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in result.layers)
+    """The concrete name of every Linear calibration left unquantized (lm_head, ignored ones,
+    MoE routers, which vLLM builds as linear layers): the checkpoint's ``ignore`` list, so the
+    server skips exactly these."""
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)} | set(router_names(model))
+    return sorted(linears - set(result.layers))
 
 
 def save_checkpoint(out: str | os.PathLike, model: nn.Module, tokenizer, result: CalibrationResult,

@@ -1,4 +1,4 @@
-"""Every model type calibration accepts (``calibration.model.SUPPORTED_TYPES``), end to end on
+"""Every dense model type calibration accepts (``calibration.model.DENSE_TYPES``), end to end on
 a tiny random model (hidden 128, 2 layers, vocab 512, bf16): quantize with ``vllm-dpq quantize
 --method dpq`` (called in process, 4 x 64 tokens), read the checkpoint, compare the reference
 forward with the fake-quantized Hugging Face model and the static scales with the whole model's
@@ -34,7 +34,7 @@ WINDOW = 16
 COMMON = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=32, max_position_embeddings=256, initializer_range=0.15,
               bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
-# model_type -> (config overrides, activations); every type of SUPPORTED_TYPES has an entry
+# model_type -> (config overrides, activations); every type of DENSE_TYPES has an entry
 ARCHS = {
     "llama": (dict(), "dynamic"),
     "mistral": (dict(sliding_window=None, tie_word_embeddings=False), "static"),
@@ -99,10 +99,10 @@ def family(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     return out
 
 
-def test_every_supported_type_is_covered():
-    from calibration.model import SUPPORTED_TYPES
+def test_every_dense_type_is_covered():
+    from calibration.model import DENSE_TYPES
 
-    assert sorted(ARCHS) == sorted(SUPPORTED_TYPES)
+    assert sorted(ARCHS) == sorted(DENSE_TYPES)  # the MoE types: tests/test_moe.py
 
 
 def fake_quantized(src: Path, ckpt, fp8_inputs: bool = True) -> torch.nn.Module:
@@ -110,7 +110,9 @@ def fake_quantized(src: Path, ckpt, fp8_inputs: bool = True) -> torch.nn.Module:
     and (fp8_inputs) its input FP8-rounded by hand (static s_x from the checkpoint, else per token)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    from vllm_dpq.moe import unfuse_experts
+
+    model = unfuse_experts(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval())
     fp8_max = ckpt.config.scheme.fp8_max
 
     def hook(s_x):

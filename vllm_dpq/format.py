@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 import torch
 
+from vllm_dpq.moe import unfuse_experts
 from vllm_dpq.numerics import SCALE_DTYPES, QuantizedWeight, Scheme
 from vllm_dpq.packing import packed_cols, unpack_int4
 from vllm_dpq.shards import TensorFileError, TensorFiles
@@ -238,7 +239,7 @@ def hf_model(path: Path, dtype: torch.dtype = torch.float32, meta: bool = False)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     with torch.device("meta") if meta else contextlib.nullcontext():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        return unfuse_experts(AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False))
 
 
 def check_model_shapes(path: Path, layers: Mapping[str, tuple[int, int]], tensors: TensorFiles) -> None:

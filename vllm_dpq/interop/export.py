@@ -19,11 +19,13 @@ from vllm_dpq.interop.ct_format import (
 from vllm_dpq.interop.fold import (
     CUTLASS_GROUP, export_group_scales, fold_fixed_point, folded_effective_weight, w4a16_weight,
 )
+from vllm_dpq.moe import expert_siblings, router_names, unfuse_experts
 from vllm_dpq.numerics import FP8_E4M3_MAX, expand_groups
 
 logger = logging.getLogger("vllm_dpq.interop")
 
 CUTLASS_ALIGN = 128  # CutlassW4A8LinearKernel: K, N (per partition) multiples of 128
+CUTLASS_MOE_ALIGN = 256  # CompressedTensorsW4A8Fp8MoEMethod: hidden, intermediate (per partition)
 # vLLM's packed_modules_mapping for Llama-style models: the shards of one GEMM
 MERGED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -76,11 +78,17 @@ def _merge_key(name: str) -> tuple[str, int] | None:
 
 
 def check_cutlass_shapes(layers: Mapping[str, tuple[int, int]]) -> list[str]:
-    """Why stock vLLM's CUTLASS W4A8 kernel (TP 1) cannot take these layers: K and the merged N
-    of each GEMM must be multiples of 128, and merged shards must all be quantized."""
+    """Why stock vLLM's CUTLASS W4A8 kernels (TP 1) cannot take these layers: K and the merged N
+    of each GEMM must be multiples of 128, and merged shards must all be quantized; MoE experts
+    (CompressedTensorsW4A8Fp8MoEMethod) need hidden and intermediate sizes, i.e. every expert
+    projection's N and K, multiples of 256. One problem per projection of all experts."""
     problems = []
     merged: dict[tuple[str, int], list[str]] = {}
+    experts: dict[str, tuple[int, int]] = {}
     for name, (n, k) in sorted(layers.items()):
+        if expert_siblings(name) != name:
+            experts[expert_siblings(name)] = n, k
+            continue
         if k % CUTLASS_ALIGN:
             problems.append(f"{name}: K = {k} is not a multiple of {CUTLASS_ALIGN}")
         key = _merge_key(name)
@@ -93,6 +101,10 @@ def check_cutlass_shapes(layers: Mapping[str, tuple[int, int]]) -> list[str]:
         n = sum(layers[x][0] for x in names)
         if n % CUTLASS_ALIGN:
             problems.append(f"{head}.{{{','.join(MERGED[i])}}}: merged N = {n} is not a multiple of {CUTLASS_ALIGN}")
+    for name, (n, k) in experts.items():
+        if n % CUTLASS_MOE_ALIGN or k % CUTLASS_MOE_ALIGN:
+            problems.append(f"{name}: [N, K] = [{n}, {k}]: stock vLLM's W4A8 MoE needs hidden and intermediate "
+                            f"sizes that are multiples of {CUTLASS_MOE_ALIGN}")
     return problems
 
 
@@ -118,11 +130,11 @@ def _linear_names(hf_config: Mapping[str, Any]) -> list[str] | None:
         cfg = {k: v for k, v in hf_config.items() if k not in ("quantization_config", "model_type")}
         config = AutoConfig.for_model(hf_config["model_type"], **cfg)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = unfuse_experts(AutoModelForCausalLM.from_config(config))
     except Exception as e:  # noqa: BLE001 - any failure: fall back to the DPQ ignore list
         logger.warning("cannot build the model on the meta device (%s): ignore list = DPQ ignore list", e)
         return None
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)] + router_names(model)
 
 
 def export_compressed_tensors(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False,
@@ -130,8 +142,8 @@ def export_compressed_tensors(ckpt_dir: str | os.PathLike, out_dir: str | os.Pat
     """DPQ checkpoint -> compressed-tensors W4A8-FP8 checkpoint that stock vLLM serves with its
     own ``CompressedTensorsW4A8Fp8`` scheme (Hopper), no plugin needed.
 
-    Refused always: group size != 128, K or (merged) N not multiples of 128, merged projections
-    only partly quantized, scales that are not finite positive in bf16.
+    Refused always: group size != 128, K or (merged) N not multiples of 128 (MoE experts: 256),
+    merged projections only partly quantized, scales that are not finite positive in bf16.
     Refused unless ``force``: static activations (stock vLLM's W4A8 path is dynamic per token
     only: the input scales are dropped) and fp8_max != 448 (stock vLLM uses e4m3fn's 448).
     ``exact``: refuse unless stock vLLM computes our effective weights bit for bit (true for
