@@ -225,7 +225,8 @@ def test_vllm_matches_reference(family, served, model_type):
 
 
 def run_job(job: dict) -> dict:
-    """Every checkpoint of job["models"] in turn, one engine at a time (each shut down before the next)."""
+    """Every checkpoint of job["models"] in turn, one engine at a time (each shut down before the next),
+    with the engine arguments job["llm"] (default: the worker in this process)."""
     import traceback
 
     from vllm import SamplingParams
@@ -234,7 +235,8 @@ def run_job(job: dict) -> dict:
     out = {}
     for model_type, path in job["models"].items():
         try:
-            with engine.llm(path, seed=0, enable_prefix_caching=False, distributed_executor_backend="uni") as llm:
+            with engine.llm(path, seed=0, enable_prefix_caching=False,
+                            **job.get("llm", {"distributed_executor_backend": "uni"})) as llm:
                 outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
         except Exception:  # one architecture's failure is reported by its own test
             out[model_type] = {"error": traceback.format_exc()[-4000:]}
