@@ -169,6 +169,9 @@ def test_per_tensor_weight_scales_expanded_per_channel(tp1):
 
 
 def test_gate_and_up_static_input_scales_differ_uses_max(tp1, caplog):
+    from vllm_dpq.plugin import linear_method
+
+    linear_method._announced.clear()  # warned once per process
     cfg = make_config(group_size=32, activation_scheme="static")
     runner, prefix = build(cfg)
     layer = runner.routed_experts

@@ -21,8 +21,13 @@ from test_model_types import MAX_TOKENS, prompts
 pytestmark = pytest.mark.slow
 TYPES = ("qwen3_moe", "mixtral", "qwen2_moe")
 TP2_TYPE = "qwen3_moe"
-# tolerances of tests/test_model_types.py (random tiny models have flat logits)
-TOLERANCE = dict(min_argmax=0.5, max_gap=1.0, mean_diff=0.3, max_diff=1.2)
+# tests/test_model_types.py's tolerances (random tiny models have flat logits), but a larger gap
+# below the reference argmax: near ties of a router (bf16 in vLLM, fp32 in the reference) flip
+# expert choices. [measured: greedy equal up to the first near tie 3/3 for every model; at most
+# 0.51 / 1.34 / 0.35 nats below the argmax, |logprob diff| mean 0.15 / 0.28 / 0.20 for Qwen3-MoE /
+# Mixtral / Qwen2-MoE; TP 2 0.61, 0.15. vLLM's unquantized Mixtral against the fp32 source model:
+# 0.20, 0.04. The loaded expert tensors equal the checkpoint's (checked by hand, LLM.apply_model).]
+TOLERANCE = dict(min_argmax=0.5, max_gap=1.6, mean_diff=0.35, max_diff=1.2)
 
 
 @pytest.fixture(scope="module")

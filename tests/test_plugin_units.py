@@ -205,7 +205,7 @@ def test_merged_per_tensor_weight_scale_expanded_per_channel(tp1):
 def test_merged_static_input_scales_differ_uses_max(tp1, caplog):
     from vllm_dpq.plugin import linear_method
 
-    linear_method._announced.discard("input_scale")
+    linear_method._announced.clear()  # warned once per process
     cfg = make_config(group_size=32, activation_scheme="static")
     layer, shards = build("gate_up", cfg, 64)
     load(layer, shards, cfg.scheme, 64, [0.01, 0.03])

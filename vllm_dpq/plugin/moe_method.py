@@ -178,10 +178,10 @@ class DPQMoEMethod(FusedMoEMethodBase):
         for e in range(layer.local_num_experts):
             gemms = []
             for group in ("w13", "w2"):
-                def t(name):
-                    return getattr(layer, f"{group}_{name}").data[e]
-                weights = self.stored.w4a8(t(PACKED), t(GROUP_SCALE), t(WEIGHT_SCALE),
-                                           t(INPUT_SCALE) if static else None, widths[group], k[group], warn)
+                packed, group_scale, weight_scale, input_scale = (
+                    getattr(layer, f"{group}_{name}").data[e] if static or name != INPUT_SCALE else None
+                    for name in (PACKED, GROUP_SCALE, WEIGHT_SCALE, INPUT_SCALE))
+                weights = self.stored.w4a8(packed, group_scale, weight_scale, input_scale, widths[group], k[group], warn)
                 gemms.append(prepare_backend(weights, device))
             experts.append(tuple(gemms))
         layer._dpq_experts = experts  # [(w13 (backend, state), w2 (backend, state))] per local expert

@@ -7,7 +7,8 @@ delegates to it everything that depends on how the tensors are stored:
     check_scale(name, t)       what a loaded scale must satisfy
     weights(layer)             the loaded tensors as the kernels' W4A8Weights
 
-A new stored format (e.g. MoE experts) is a new class here, not new branches elsewhere.
+A new stored format is a new class here, not new branches elsewhere. MoE experts are stored
+as DPQ layers, so ``DPQMoEMethod`` uses ``DPQScheme`` (``layout``, ``w4a8``) per expert.
 """
 
 from vllm_dpq.plugin.schemes.base import StoredScheme, nan_filled

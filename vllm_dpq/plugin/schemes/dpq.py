@@ -11,6 +11,9 @@
 At load end, per-tensor s_w of a merged layer becomes per-channel [N] (exact: each shard's rows
 keep their own s_w). The shards of a merged layer share one input, so their static s_x should
 be equal; if calibration measured different values the largest is used (no clipping).
+
+A MoE layer's experts are the same layers with an expert dimension first (``layout`` gives
+the per-expert shapes, ``w4a8`` each expert's GEMM weights; vllm_dpq/plugin/moe_method.py).
 """
 
 from __future__ import annotations
