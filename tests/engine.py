@@ -47,9 +47,10 @@ def engine_env(ranks: int = 1, backend: str | None = None, apply_model: bool = F
     A small KV cache (the machine has little memory to spare); no VLLM_PLUGINS (an allow-list
     without "dpq" would skip the plugin silently); the DPQ variables unset (the defaults), but
     ``backend`` (VLLM_DPQ_BACKEND) when asked;
-    one core per rank for tensor or pipeline parallel (``ranks`` processes); ``apply_model`` allows ``LLM.apply_model`` to pickle
-    a function (local only); ``in_process`` runs the engine core in the child itself
-    (VLLM_ENABLE_V1_MULTIPROCESSING=0; with ``distributed_executor_backend="uni"`` the worker too):
+    one core per rank for tensor or pipeline parallel (``ranks`` processes); ``apply_model``
+    allows ``LLM.apply_model`` to pickle a function (local only); ``in_process`` runs the
+    engine core in the child itself (VLLM_ENABLE_V1_MULTIPROCESSING=0; with
+    ``distributed_executor_backend="uni"`` the worker too):
     no process is spawned, so several engines one after another start in seconds each;
     ``cache``: vLLM's caches (VLLM_CACHE_ROOT, compiled graphs included) in that folder, so
     that a compiled engine reuses nothing from an earlier run."""

@@ -129,7 +129,7 @@ class CpuState:
     fused_max_m: int  # FUSED_MAX_M of the kernel's ISA
     # torch.ops.vllm_dpq_cpu.linear, found at load; None: the torch fallback. apply() calls
     # nothing else, so torch.compile traces one opaque op (kernels() builds files: untraceable)
-    linear: Any = None
+    linear: Any
 
 
 class CpuBackend(Backend):
