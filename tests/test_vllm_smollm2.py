@@ -6,8 +6,10 @@ Every engine runs in a subprocess (vLLM on CPU spawns processes) through tests/e
 ``python THIS_FILE JOB.json`` prints one ``DPQ_RESULT <json>`` line. Checkpoints are quantized with the real CLI
 (``vllm-dpq quantize --method rtn --scale-search max``, 8 x 256 calibration tokens: ~15 s on an
 idle 2-core machine; the algorithm does not matter for serving parity). One checkpoint and one
-engine per check; the module took 9-16 minutes on a shared, heavily loaded 2-core machine
-(load average 4-12); expect ~5 minutes on an idle one.
+engine per check (the compiled and the PP2 engines share a child with another); the module took
+9-16 minutes on a shared, heavily loaded 2-core machine (load average 4-12) before those two
+were added, ~12 minutes with them on a shared machine (load average 2-4: they add ~100 s and
+~60 s of engine time, compilation included).
 
 How close is "the same": FP8 activations amplify rounding differences. An activation element
 whose FP8 rounding flips moves by up to 1/16 of its value, and each of the 30 layers re-quantizes
