@@ -1,6 +1,7 @@
 """Offline vLLM throughput, docs/EVAL_PROTOCOL.md: BF16 and DPQ (and any other configuration)
-in one invocation, each run in a fresh process, N runs each; min / median / max and the ratio
-of medians to the first configuration.
+in one invocation, each run in a fresh process, N runs each, in vLLM's default compiled mode
+(torch.compile) and in eager mode (enforce_eager), a row each; min / median / max and the ratio
+of medians to the first configuration in the same mode.
 
 Workloads (synthetic token-id prompts from a fixed seed, temperature 0, ignore_eos):
   decode   32 requests x 64 input tokens x 128 output tokens
@@ -8,7 +9,7 @@ Workloads (synthetic token-id prompts from a fixed seed, temperature 0, ignore_e
 
     python benchmarks/throughput.py --config bf16=MODEL_DIR --config dpq=CKPT \\
         [--config bf16-fp32=MODEL_DIR:dtype=float32] [--config fp8=MODEL_DIR:quantization=fp8] \\
-        [--runs 3] [--workloads decode,prefill] [--eager] [--memory-only]
+        [--runs 3] [--workloads decode,prefill] [--modes compiled,eager] [--memory-only]
 
 A configuration is NAME=PATH[:KEY=VALUE,...]: upper-case keys are environment variables,
 lower-case keys are LLM() arguments. Each run also records the resident weight memory (every
@@ -16,7 +17,9 @@ tensor the loaded model holds, benchmarks.memory.resident_bytes, the same count 
 configuration; vLLM's own "Model loading took" figure too where it logs one, on GPU) and the
 KV-cache capacity that vLLM logs. A configuration this vLLM cannot run (say `quantization=fp8`
 on a CPU without FP8 support) is reported as failed, with vLLM's error, and the others go on.
-Writes OUT.json, OUT.png and prints a table.
+`--memory-only` loads each configuration once, in the first of `--modes`. Compiled runs use
+vLLM's compile cache (~/.cache/vllm): set VLLM_DISABLE_COMPILE_CACHE=1 after changing a
+VLLM_DPQ_* variable (docs/SERVING.md). Writes OUT.json, OUT.png and prints a table.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = {"decode": (32, 64, 128), "prefill": (16, 512, 16)}
+MODES = ("compiled", "eager")
 
 RUNNER = r'''
 import json, os, sys, time
@@ -127,13 +131,13 @@ def run_once(cfg: dict, workloads: dict, eager: bool, timeout: float) -> dict:
     return {**json.loads(line[7:]), **log_figures(log)}
 
 
-def memory_only(configs: dict, a) -> int:
+def memory_only(configs: dict, eager: bool, a) -> int:
     out = a.out.with_name(a.out.name + "-memory")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows, results = [], {}
     base = None
     for name, cfg in configs.items():
-        r = results[name] = run_once(cfg, {}, a.eager, a.timeout)
+        r = results[name] = run_once(cfg, {}, eager, a.timeout)
         gib = r.get("resident_weights_gib")
         if base is None and gib:
             base = (name, gib)
@@ -162,23 +166,31 @@ def main() -> int:
     p.add_argument("--config", action="append", required=True, help="NAME=PATH[:KEY=VALUE,...]; first is the baseline")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--workloads", default="decode,prefill")
-    p.add_argument("--eager", action="store_true", help="enforce_eager (compiled mode is the default)")
+    p.add_argument("--modes", default="compiled,eager",
+                   help="compiled (vLLM's default, torch.compile) and/or eager (enforce_eager), comma-separated")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "throughput")
     p.add_argument("--memory-only", action="store_true",
                    help="only load each configuration once: resident weight memory and KV-cache capacity")
     a = p.parse_args()
     configs = dict(parse_config(c) for c in a.config)
-    if a.memory_only:
-        return memory_only(configs, a)
+    modes = a.modes.split(",")
+    if set(modes) - set(MODES):
+        p.error(f"--modes: choose from {', '.join(MODES)}")
+    if a.memory_only:  # the mode changes no weight
+        return memory_only(configs, modes[0] == "eager", a)
     workloads = {w: WORKLOADS[w] for w in a.workloads.split(",")}
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    results = {"configs": configs, "workloads": workloads, "runs": {}}
+    # one row per configuration and mode, e.g. "dpq (compiled)"; its ratio is to the first
+    # configuration in the same mode (the modes differ in speed for every configuration)
+    rows = {f"{name} ({mode})": (cfg, mode) for mode in modes for name, cfg in configs.items()}
+    first = next(iter(configs))
+    results = {"configs": configs, "modes": modes, "workloads": workloads, "runs": {}}
     for i in range(a.runs):  # interleaved, so drift of a noisy machine hits every configuration alike
-        for name, cfg in configs.items():
+        for name, (cfg, mode) in rows.items():
             if any("error" in r for r in results["runs"].get(name, [])):
                 continue  # it failed once: it will fail again
-            r = run_once(cfg, workloads, a.eager, a.timeout)
+            r = run_once(cfg, workloads, mode == "eager", a.timeout)
             results["runs"].setdefault(name, []).append(r)
             if "error" in r:
                 print(f"run {i + 1}/{a.runs} {name}: FAILED: {r['error']}", flush=True)
@@ -186,14 +198,14 @@ def main() -> int:
             print(f"run {i + 1}/{a.runs} {name}: " + ", ".join(f"{w} {r[w]['output_tok_s']:.1f} tok/s" for w in workloads),
                   flush=True)
             a.out.with_suffix(".json").write_text(_json(results))
-    base = next(iter(configs))
-    lines = ["| config | workload | output tok/s min / median / max | ratio of medians vs " + base +
-             " | resident weights GiB | KV tokens |", "|---|---|---|---|---|---|"]
+    lines = ["| config | workload | output tok/s min / median / max | ratio of medians vs " + first +
+             " (same mode) | resident weights GiB | KV tokens |", "|---|---|---|---|---|---|"]
     failed = {n: runs[0]["error"] for n, runs in results["runs"].items() if "error" in runs[0]}
     results["runs"] = {n: runs for n, runs in results["runs"].items() if n not in failed}
-    if base in failed:
-        print(f"the baseline {base} failed: {failed[base]}", file=sys.stderr)
-        return 1
+    for base in (f"{first} ({mode})" for mode in modes):
+        if base in failed:
+            print(f"the baseline {base} failed: {failed[base]}", file=sys.stderr)
+            return 1
     summary = {}
     for name, runs in results["runs"].items():
         for w in workloads:
@@ -202,7 +214,7 @@ def main() -> int:
     for name, runs in results["runs"].items():
         for w in workloads:
             xs = sorted(r[w]["output_tok_s"] for r in runs)
-            ratio = summary[(name, w)] / summary[(base, w)]
+            ratio = summary[(name, w)] / summary[(f"{first} ({rows[name][1]})", w)]
             lines.append(f"| {name} | {w} | {xs[0]:.1f} / {statistics.median(xs):.1f} / {xs[-1]:.1f} | {ratio:.2f} | "
                          f"{_fmt(runs[0].get('resident_weights_gib'))} | {runs[0].get('kv_cache_tokens', '')} |")
     for name, err in failed.items():

@@ -40,16 +40,20 @@ CLI = [sys.executable, "-m", "vllm_dpq.cli"]
 DPQ_VARS = ("VLLM_DPQ_BACKEND",)
 
 
-def engine_env(tp: int = 1, backend: str | None = None, apply_model: bool = False, in_process: bool = False) -> dict:
+def engine_env(ranks: int = 1, backend: str | None = None, apply_model: bool = False, in_process: bool = False,
+               cache: Path | None = None) -> dict:
     """The environment of an engine (or `vllm-dpq serve`) process started by a test.
 
     A small KV cache (the machine has little memory to spare); no VLLM_PLUGINS (an allow-list
     without "dpq" would skip the plugin silently); the DPQ variables unset (the defaults), but
     ``backend`` (VLLM_DPQ_BACKEND) when asked;
-    one core per rank for tensor parallel; ``apply_model`` allows ``LLM.apply_model`` to pickle
-    a function (local only); ``in_process`` runs the engine core in the child itself
-    (VLLM_ENABLE_V1_MULTIPROCESSING=0; with ``distributed_executor_backend="uni"`` the worker too):
-    no process is spawned, so several engines one after another start in seconds each."""
+    one core per rank for tensor or pipeline parallel (``ranks`` processes); ``apply_model``
+    allows ``LLM.apply_model`` to pickle a function (local only); ``in_process`` runs the
+    engine core in the child itself (VLLM_ENABLE_V1_MULTIPROCESSING=0; with
+    ``distributed_executor_backend="uni"`` the worker too):
+    no process is spawned, so several engines one after another start in seconds each;
+    ``cache``: vLLM's caches (VLLM_CACHE_ROOT, compiled graphs included) in that folder, so
+    that a compiled engine reuses nothing from an earlier run."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
            # the repository root: benchmarks.memory (apply_model) in the child and vLLM's workers
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -57,12 +61,14 @@ def engine_env(tp: int = 1, backend: str | None = None, apply_model: bool = Fals
         env.pop(var, None)
     if backend:
         env["VLLM_DPQ_BACKEND"] = backend
-    if tp > 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
+    if ranks > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(ranks))
     if apply_model:
         env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     if in_process:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if cache:
+        env["VLLM_CACHE_ROOT"] = str(cache)
     return env
 
 

@@ -30,6 +30,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -126,6 +127,9 @@ class CpuState:
     gemm_dtype: torch.dtype
     weights: W4A8Weights
     fused_max_m: int  # FUSED_MAX_M of the kernel's ISA
+    # torch.ops.vllm_dpq_cpu.linear, found at load; None: the torch fallback. apply() calls
+    # nothing else, so torch.compile traces one opaque op (kernels() builds files: untraceable)
+    linear: Any
 
 
 class CpuBackend(Backend):
@@ -137,17 +141,17 @@ class CpuBackend(Backend):
     def prepare(self, w: W4A8Weights) -> CpuState:
         ops = kernels()  # build (or find) the kernel at load, not in the first forward
         fused = ops is not None and os.environ.get(ENV_FUSED, "0") == "1"
-        return CpuState(gemm_dtype(), w, FUSED_MAX_M[ops.isa()] if fused else 0)
+        return CpuState(gemm_dtype(), w, FUSED_MAX_M[ops.isa()] if fused else 0, None if ops is None else ops.linear)
 
     def keeps_packed(self, state: CpuState):
         return True
 
     def apply(self, state: CpuState, x, bias=None):
-        w, ops = state.weights, kernels()
-        if ops is None:
+        w = state.weights
+        if state.linear is None:
             return w4a8_matmul(x, w.fp8_values(), w.weight_scale, w.fp8_max, w.input_scale, bias, x.dtype,
                                state.gemm_dtype)
         shape = x.shape
-        y = ops.linear(x.reshape(-1, shape[-1]), w.packed, w.group_scale, w.weight_scale, w.input_scale, bias, w.k,
-                       w.group_size, w.fp8_max, state.gemm_dtype == torch.bfloat16, state.fused_max_m)
+        y = state.linear(x.reshape(-1, shape[-1]), w.packed, w.group_scale, w.weight_scale, w.input_scale, bias, w.k,
+                         w.group_size, w.fp8_max, state.gemm_dtype == torch.bfloat16, state.fused_max_m)
         return y.reshape(*shape[:-1], -1)
