@@ -85,7 +85,7 @@ def test_tensor_parallel_2_matches_1(checkpoints, served, tmp_path):
     if (os.cpu_count() or 1) < 2:
         pytest.skip("tensor parallel 2 on CPU needs 2 cores")
     job = {"models": {TP2_TYPE: str(checkpoints[TP2_TYPE])}, "prompts": prompts(), "llm": {"tensor_parallel_size": 2}}
-    tp2 = engine.run_engine(__file__, job, tmp_path, engine.engine_env(tp=2)).ok()[TP2_TYPE]
+    tp2 = engine.run_engine(__file__, job, tmp_path, engine.engine_env(ranks=2)).ok()[TP2_TYPE]
     assert "error" not in tp2, tp2.get("error")
     tp1 = served[TP2_TYPE]
     ref = reference_logprobs(checkpoints[TP2_TYPE], tp1["tokens"])
