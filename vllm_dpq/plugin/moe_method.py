@@ -185,28 +185,46 @@ class DPQMoEMethod(FusedMoEMethodBase):
                 gemms.append(prepare_backend(weights, device))
             experts.append(tuple(gemms))
         layer._dpq_experts = experts  # [(w13 (backend, state), w2 (backend, state))] per local expert
+        _LAYERS[self.prefix] = layer
         if not any(b.keeps_packed(s) for gemms in experts for b, s in gemms):  # the backend made its own copies
             free_weight_data(layer, [f"{g}_{n}" for g in ("w13", "w2") for n in (PACKED, GROUP_SCALE)])
 
     # ------------------------------------------------------------------ forward
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
-        """Routed experts only (the runner runs shared experts and the tensor-parallel all-reduce)."""
-        top_k = topk_ids.shape[-1]
-        flat = topk_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=len(layer._dpq_experts)).tolist()
-        tokens = order // top_k
-        weights = topk_weights.reshape(-1)[order].float()
-        i = layer.intermediate_size_per_partition
-        out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
-        start = 0
-        for (w13, w2), count in zip(layer._dpq_experts, counts):
-            if count == 0:
-                continue
-            rows = slice(start, start + count)
-            start += count
-            gate_up = w13[0].apply(w13[1], x[tokens[rows]])
-            y = w2[0].apply(w2[1], F.silu(gate_up[:, :i]) * gate_up[:, i:])
-            out.index_add_(0, tokens[rows], y.float() * weights[rows, None])
-        return out.to(x.dtype)
+        """Routed experts only (the runner runs shared experts and the tensor-parallel all-reduce),
+        through an opaque custom op: vLLM's compiled mode cannot trace the per-expert loop (its
+        trip counts depend on the routing)."""
+        return torch.ops.vllm_dpq.moe_experts(x, topk_weights, topk_ids, self.prefix)
+
+
+_LAYERS: dict[str, torch.nn.Module] = {}  # prefix -> loaded MoE layer, for the custom op
+
+
+@torch.library.custom_op("vllm_dpq::moe_experts", mutates_args=())
+def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: str) -> torch.Tensor:
+    """sum over the top-k experts of weight * down(silu(gate(x)) * up(x)), grouped per expert."""
+    layer = _LAYERS[layer]
+    top_k = topk_ids.shape[-1]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=len(layer._dpq_experts)).tolist()
+    tokens = order // top_k
+    weights = topk_weights.reshape(-1)[order].float()
+    i = layer.intermediate_size_per_partition
+    out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
+    start = 0
+    for (w13, w2), count in zip(layer._dpq_experts, counts):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        start += count
+        gate_up = w13[0].apply(w13[1], x[tokens[rows]])
+        y = w2[0].apply(w2[1], F.silu(gate_up[:, :i]) * gate_up[:, i:])
+        out.index_add_(0, tokens[rows], y.float() * weights[rows, None])
+    return out.to(x.dtype)
+
+
+@moe_experts.register_fake
+def _(x, topk_weights, topk_ids, layer):
+    return torch.empty_like(x)
