@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import engine
 
@@ -176,6 +177,19 @@ def test_serve_help_is_vllm_serve_help(entry):
     assert "usage: vllm serve" in r.stdout, r.stdout[-3000:]
 
 
+def rows_varying_with_batch(n: int = 49152, k: int = 576) -> int:
+    """How many of 64 rows of a bf16 GEMM through vLLM's CPU linear (oneDNN, prepacked; the
+    demo model's lm_head shape) differ computed alone from computed in the batch of 64
+    [measured: 58-60 on a 2-core AMX Xeon; the equality below held on AVX512-BF16 EPYCs]."""
+    from vllm import _custom_ops as ops
+
+    g = torch.Generator().manual_seed(0)
+    w, x = ((torch.randn(*shape, generator=g) * 0.05).bfloat16() for shape in ((n, k), (64, k)))
+    handle = ops.create_onednn_mm(w.t(), 32)
+    full = ops.onednn_mm(handle, x, None)
+    return sum(not torch.equal(ops.onednn_mm(handle, x[i:i + 1], None), full[i:i + 1]) for i in range(64))
+
+
 def test_64_concurrent_requests_equal_one_by_one(server):
     """Issue 8: 64 concurrent streamed greedy requests all succeed and, in bf16, each output equals
     the same prompt run alone (bounded: 64 requests, 600 s). The longer version is
@@ -190,5 +204,10 @@ def test_64_concurrent_requests_equal_one_by_one(server):
     assert stats["ok"] == 64, stats["errors"]
     if "dtype=torch.float32" in server["log"].read_text(errors="replace"):
         pytest.skip("float32 engine (CPU without native bf16): outputs under load are not batch-invariant")
+    varying = rows_varying_with_batch()
+    if varying:
+        pytest.skip(f"vLLM's own bf16 GEMM (oneDNN; the unquantized lm_head runs it) is not batch-invariant on "
+                    f"this CPU: {varying} of 64 rows differ alone and in a batch, so no model's outputs under "
+                    "load can equal its outputs alone")
     problems = check_consistency(server["url"], server["model"], stats, max_tokens=16, timeout=300)
     assert not problems, problems
