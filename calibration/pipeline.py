@@ -10,6 +10,9 @@ Memory: one decoder layer on the device, plus the calibration activations of one
 streamed model (calibration.model.load_model) reads each layer from the source checkpoint
 when it is calibrated and drops it after; with a CalibrationState, each finished layer's
 results go to its work folder and leave memory, so host memory does not grow with depth.
+MoE layers (vllm_dpq.moe): each expert projection is a Linear like any other, calibrated on
+the tokens routed to it (Recipe.experts="all": on every token); experts that saw fewer than
+Recipe.expert_min_tokens fall back (docs/ALGORITHMS.md, "Mixture of experts").
 """
 
 from __future__ import annotations
