@@ -206,8 +206,6 @@ def _case_moe() -> dict:
     """DPQ's MoE op (vllm_dpq.plugin.moe_method.moe_experts) with every expert's GEMMs on the
     Triton backend: per token, the router-weighted sum over its experts of
     down(silu(gate(x)) * up(x)), each GEMM against reference_linear (same grouping)."""
-    from types import SimpleNamespace
-
     import torch.nn.functional as F
 
     from vllm_dpq.kernels import triton as tw
@@ -222,7 +220,9 @@ def _case_moe() -> dict:
         qw2, *_, w2 = make(h, inter, scheme, False, seed=20 + e)
         layers.append((qw13, qw2))
         states.append(((backend, backend.prepare(w13)), (backend, backend.prepare(w2))))
-    moe_method._LAYERS["interpreted"] = SimpleNamespace(_dpq_experts=states, intermediate_size_per_partition=inter)
+    layer = torch.nn.Module()  # what the op reads of a loaded MoE layer (held here: the registry is weak)
+    layer._dpq_experts, layer.intermediate_size_per_partition = states, inter
+    moe_method._LAYERS["interpreted"] = layer
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(6, h, generator=g) * 2).to(torch.bfloat16)
     ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(6)])

@@ -80,10 +80,10 @@ class Experts(nn.ModuleList):
 def _fused_experts(module: nn.Module) -> tuple[int, int, int] | None:
     """(E, H, I) if module is a fused experts module of the supported layout, else None."""
     params = dict(module.named_parameters(recurse=False))
-    if set(params) != {"gate_up_proj", "down_proj"}:
+    if set(params) != {"gate_up_proj", "down_proj"} or params["gate_up_proj"].ndim != 3:
         return None
     (e, i2, h), down = params["gate_up_proj"].shape, tuple(params["down_proj"].shape)
-    if len(params["gate_up_proj"].shape) != 3 or down != (e, h, i2 // 2) or i2 % 2:
+    if down != (e, h, i2 // 2) or i2 % 2:
         return None
     return e, h, i2 // 2
 

@@ -30,6 +30,8 @@ parallelism, biases, and activations other than SiLU-and-mul are refused.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, MoEActivation, UnquantizedFusedMoEMethod
@@ -198,7 +200,8 @@ class DPQMoEMethod(FusedMoEMethodBase):
         return torch.ops.vllm_dpq.moe_experts(x, topk_weights, topk_ids, self.prefix)
 
 
-_LAYERS: dict[str, torch.nn.Module] = {}  # prefix -> loaded MoE layer, for the custom op
+# prefix -> loaded MoE layer, for the custom op (weak: a shut-down engine's layers are freed)
+_LAYERS: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
 
 
 @torch.library.custom_op("vllm_dpq::moe_experts", mutates_args=())
