@@ -12,8 +12,8 @@ caches the previous call left warm), median of --reps calls after warm-up:
                 model runs in vLLM), where vLLM and its oneDNN ops are importable
   dpq           CpuBackend.apply, bf16 activations: INT4 resident, the path the backend picks
                 for this M (activation quantization and epilogue included)
-  dpq_fused     the fused kernel (FP8 values made in registers + fp32 dot products) at every M
-  dpq_dequant   dequantize to the GEMM dtype (one pass) + torch GEMM at every M
+  dpq_dequant   dequantize to the GEMM dtype (one pass) + torch GEMM at every M (what the
+                backend runs from AMX_DEQUANT_MIN_M rows on a CPU with AMX)
   dpq_fp32act   CpuBackend.apply with fp32 activations
 
 --clock cpu (with --threads 1) times each call by this thread's CPU time, which other
@@ -38,7 +38,7 @@ import torch
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 MS = [1, 8, 32, 256]
-ROWS = ["bf16", "fp32", "vllm_bf16", "dpq", "dpq_fused", "dpq_dequant", "dpq_fp32act"]
+ROWS = ["bf16", "fp32", "vllm_bf16", "dpq", "dpq_dequant", "dpq_fp32act"]
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -87,17 +87,16 @@ def bench_shape(n: int, k: int, m: int, group: int, reps: int, clock, flush: tor
     xf = x.float()
     bf16_gemm = state.gemm_dtype == torch.bfloat16
 
-    def direct(fused_max_m):
-        return lambda: ops.linear(x, w.packed, w.group_scale, w.weight_scale, None, None, k, w.group_size,
-                                  w.fp8_max, bf16_gemm, fused_max_m)
+    def dequant():
+        return ops.linear(x, w.packed, w.group_scale, w.weight_scale, None, None, k, w.group_size, w.fp8_max,
+                          bf16_gemm, 1)
 
     calls = {
         "vllm_bf16": vllm_linear(wb, x),
         "bf16": lambda: x @ wb.t(),
         "fp32": lambda: xf @ wf.t(),
         "dpq": lambda: backend.apply(state, x),
-        "dpq_fused": direct(1 << 30),
-        "dpq_dequant": direct(0),
+        "dpq_dequant": dequant,
         "dpq_fp32act": lambda: backend.apply(state, xf),
     }
     rows = [r for r in ROWS if calls[r] is not None]

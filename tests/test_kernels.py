@@ -10,18 +10,22 @@ from vllm_dpq.numerics import FP8_DTYPE, Scheme, quantize_activation, reference_
 from kernel_cases import (ACT_STATIC_SCALES, SCALE_DTYPES, activation_input, activation_mismatch, close, make,
                           synthetic_weights, tile_mismatches)
 
-# the cpu backend's two paths: fused (M <= FUSED_MAX_M, VLLM_DPQ_CPU_FUSED=1) and dequantize + torch GEMM
-VARIANTS = [("cpu", "fused"), ("cpu", "dequant"), ("scaled_mm", None), ("triton", None)]
+# the cpu backend's two paths: its own GEMM (every M by default) and dequantize + torch GEMM
+# (from AMX_DEQUANT_MIN_M rows on a CPU with AMX; forced here for every M)
+VARIANTS = [("cpu", "kernel"), ("cpu", "dequant"), ("scaled_mm", None), ("triton", None)]
 assert {b for b, _ in VARIANTS} == set(BACKENDS), "every backend is tested against the reference"
 ISAS = ["avx512bf16", "avx512", "avx2"]
 
 
 def cpu_path(monkeypatch, path):
-    assert min(cpu.FUSED_MAX_M.values()) >= 7, "the tests' M=7 inputs take the fused path when it is on"
-    if path == "fused":
-        monkeypatch.setenv(cpu.ENV_FUSED, "1")
-    else:
-        monkeypatch.delenv(cpu.ENV_FUSED, raising=False)
+    if path == "dequant":
+        monkeypatch.setattr(cpu, "amx", lambda: True)
+        monkeypatch.setattr(cpu, "AMX_DEQUANT_MIN_M", 1)
+
+
+def isa_gemm(isa_name):
+    """The GEMM dtype a kernel ISA computes: bf16 dot products with AVX512-BF16, else fp32."""
+    return "bfloat16" if isa_name == "avx512bf16" else "float32"
 
 
 @pytest.fixture(params=ISAS)
@@ -63,17 +67,23 @@ def test_backend_matches_reference(backend, path, static, n, k, g, monkeypatch):
 @pytest.mark.parametrize("gemm", ["bfloat16", "float32"])
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("path", ["fused", "dequant"])
-def test_cpu_backend_gemm_dtypes(gemm, x_dtype, static, path, isa, monkeypatch):
-    """Both GEMM dtypes the CPU backend can choose, bf16/fp16/fp32 activations, both kernel
-    paths and ISAs. Dequantize + GEMM is numerics.w4a8_matmul's own computation in that dtype
-    (bit-identical) and within one bf16 ulp of the fp32 reference; the fused kernel sums in fp32
-    in its own order: within one ulp of the output dtype, and fp32 summation order of the
-    reference (bounded by the sum of |products|)."""
+@pytest.mark.parametrize("path", ["kernel", "dequant"])
+@pytest.mark.parametrize("n,k,g", [(48, 160, 32), (17, 101, -1), (40, 72, 24), (70, 192, 96)])
+def test_cpu_backend_gemm_dtypes(gemm, x_dtype, static, path, n, k, g, isa, monkeypatch):
+    """Both GEMM dtypes the CPU backend can choose, bf16/fp16/fp32 activations, both paths, every
+    ISA; N not a multiple of the tile, odd K (bf16 pairs), groups that are not whole chunks (24).
+    Dequantize + GEMM is numerics.w4a8_matmul's own computation in that dtype (bit-identical);
+    the kernel's GEMM sums in fp32 in its own order: within one bf16 ulp of the fp32 reference
+    and, in fp32, within fp32 summation error of it (bounded by the sum of |products|). A bf16
+    GEMM on an ISA without bf16 dot products is refused at load."""
     monkeypatch.setenv(cpu.ENV_GEMM, gemm)
     cpu_path(monkeypatch, path)
-    scheme = Scheme(group_size=32)
-    qw, x, s_x, bias, weights = make(48, 160, scheme, static, dtype=x_dtype)
+    scheme = Scheme(group_size=g)
+    qw, x, s_x, bias, weights = make(n, k, scheme, static, m=29, dtype=x_dtype)
+    if gemm == "bfloat16" and isa.isa() != "avx512bf16":
+        with pytest.raises(ValueError, match=cpu.ENV_GEMM):
+            BACKENDS["cpu"].prepare(weights)
+        return
     state = BACKENDS["cpu"].prepare(weights)
     assert state.gemm_dtype == getattr(torch, gemm)
     y = BACKENDS["cpu"].apply(state, x, bias)
@@ -88,7 +98,26 @@ def test_cpu_backend_gemm_dtypes(gemm, x_dtype, static, path, isa, monkeypatch):
         x8, s = quantize_activation(x, s_x)
         w8 = weights.fp8_values()
         magnitude = (x8.abs() @ w8.abs().t()) * s * weights.weight_scale
-        assert ((y - ref).abs() <= 160 * 2.0**-23 * magnitude + 1e-6).all()
+        assert ((y - ref).abs() <= k * 2.0**-23 * magnitude + 1e-6).all()
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_cpu_kernel_is_batch_invariant(x_dtype, isa, monkeypatch):
+    """A row's output is the same bits whatever rows it is computed with (alone, in a batch of
+    any size, at any position, on any number of threads): each output is summed over K in one
+    order. This is what keeps a request's greedy tokens independent of the batch it joins."""
+    monkeypatch.setenv(cpu.ENV_GEMM, isa_gemm(isa.isa()))
+    _, x, _, bias, weights = make(100, 600, Scheme(group_size=32), False, m=300, dtype=x_dtype)
+    state = BACKENDS["cpu"].prepare(weights)
+    full = BACKENDS["cpu"].apply(state, x, bias)
+    for rows in (slice(5, 6), slice(0, 1), slice(3, 17), slice(250, 300), slice(0, 299)):
+        assert torch.equal(BACKENDS["cpu"].apply(state, x[rows], bias), full[rows]), rows
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(BACKENDS["cpu"].apply(state, x, bias), full)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("sdt", SCALE_DTYPES)

@@ -1,25 +1,26 @@
 """CPU backend: exact W4A8 on the CPU's vector units, INT4 resident.
 
 Every FP8 value, and every product of two FP8 values, is exact in bf16 and in fp32, so a GEMM
-in either dtype (fp32 accumulation) over FP8-rounded operands computes the FP8 GEMM. The
-packed INT4 codes and group scales stay resident as loaded; a small C++ kernel
-(csrc/dpq_cpu.cpp, built at first use with the machine's compiler, AVX-512 or AVX2 chosen at
-run time) makes the FP8 weight values in registers from a 16-entry table per (row, group):
+over FP8-rounded operands with fp32 accumulation computes the FP8 GEMM. The packed INT4 codes
+and group scales stay resident as loaded; a small C++ kernel (csrc/dpq_cpu.cpp, built at first
+use with the machine's compiler, AVX-512 or AVX2 chosen at run time) computes the linear:
 
-  larger M          one dequantization pass to the GEMM dtype, then torch's GEMM: bit-identical
-                    to numerics.w4a8_matmul in that dtype (the default for every M).
-  M <= FUSED_MAX_M  with $VLLM_DPQ_CPU_FUSED=1: fused dequantization + dot products, fp32 FMA or
-                    AVX512-BF16 (decode): the weights are read as INT4 only, but the fp32 sums
-                    run in another order than the GEMM path's, so a request's greedy output
-                    then depends on how many rows share the call (the batch), as BF16's does.
+  activations   quantized in one pass (bf16, fp16 or fp32 in; the output has their dtype)
+  weights       per block of 32 (AVX-512) or 16 (AVX2) output rows, the FP8 values are made
+                from a 16-entry table per (row, group) into a cache-resident tile, once per 192
+                activation rows; no full-size temporary
+  GEMM          register-blocked over that tile, fp32 accumulation: bf16 pair dot products
+                (vdpbf16ps) on CPUs with AVX512-BF16, fp32 FMA elsewhere. Each output is summed
+                over K in one fixed order whatever M: a request's output does not depend on
+                the batch it shares a call with.
 
-Activations are quantized in one pass (bf16, fp16 or fp32 in; the output has their dtype).
 The GEMM dtype is chosen at load from the CPU ($VLLM_DPQ_CPU_GEMM=auto): bf16 where the CPU
-computes it natively (AVX512-BF16, AMX; the result is then rounded to bf16 before the scales,
-at most one bf16 ulp from the reference), fp32 elsewhere (AVX2 only: there a bf16 matmul is
-~40x slower than fp32). Where the kernel cannot be built (no compiler, no AVX2) the backend
-falls back to torch ops (numerics.w4a8_matmul over the FP8 values rebuilt per call; slow),
-with a warning.
+computes it natively, fp32 elsewhere (AVX2 only: there a bf16 matmul is ~40x slower than fp32).
+With AMX tiles, from AMX_DEQUANT_MIN_M activation rows the weights are dequantized once per call
+and multiplied by torch's GEMM instead (oneDNN's AMX tiles outrun vector dot products there;
+that GEMM rounds its result to bf16 before the scales, and its sum order depends on M). Where the
+kernel cannot be built (no compiler, no AVX2) the backend falls back to torch ops
+(numerics.w4a8_matmul over the FP8 values rebuilt per call; slow), with a warning.
 """
 
 from __future__ import annotations
@@ -43,9 +44,13 @@ ENV_GEMM = "VLLM_DPQ_CPU_GEMM"
 GEMM_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def amx() -> bool:
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
 def native_bf16() -> bool:
     """Does this CPU compute bf16 natively (AVX512-BF16 or AMX tiles)?"""
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or amx()
 
 
 def fast_dtype(device: str | torch.device = "cpu") -> torch.dtype:
@@ -64,11 +69,10 @@ def gemm_dtype() -> torch.dtype:
     return GEMM_DTYPES[choice]
 
 
-# activation rows up to which the fused kernel beats dequantize + GEMM, per kernel ISA
-# (benchmarks/cpu_kernel.py: with AVX2 the fp32 dequantization pass costs about as much as an
-# fp32 GEMM at M=32, so the fused kernel wins further)
-FUSED_MAX_M = {"avx512bf16": 8, "avx512": 8, "avx2": 32}
-ENV_FUSED = "VLLM_DPQ_CPU_FUSED"  # 1: the fused kernel for M <= FUSED_MAX_M (faster, batch-variant)
+# with AMX tiles: activation rows from which dequantization + torch's (AMX) GEMM replaces the
+# kernel's own vector GEMM (docs/RESULTS.md, "CPU kernel": on an AMX machine torch's bf16 GEMM
+# was 2.8x this AVX512-BF16 machine's at M = 256, level at M <= 32)
+AMX_DEQUANT_MIN_M = 64
 CSRC = Path(__file__).parent / "csrc"
 
 
@@ -98,7 +102,15 @@ def _build_and_load() -> None:
         fcntl.flock(held, fcntl.LOCK_EX)  # released by the OS if this process dies
         (build / "lock").unlink(missing_ok=True)
         load(name=name, sources=[str(CSRC / "dpq_cpu.cpp")], extra_include_paths=[str(CSRC)],
-             extra_cflags=["-O3", "-ffp-contract=off"], is_python_module=False, build_directory=str(build))
+             extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"], is_python_module=False, build_directory=str(build))
+
+
+@functools.cache
+def log_choice(isa: str, gemm: torch.dtype) -> None:
+    """Say once per process which GEMM the CPU backend runs."""
+    how = "bf16 pair dot products (vdpbf16ps)" if gemm == torch.bfloat16 else "fp32 FMA"
+    logger.info("DPQ CPU backend: %s kernel, %s, fp32 accumulation%s", isa, how,
+                f"; torch's AMX GEMM from M = {AMX_DEQUANT_MIN_M}" if amx() else "")
 
 
 @functools.cache
@@ -113,7 +125,7 @@ def kernels():
             raise RuntimeError("this CPU has neither AVX2 + FMA nor AVX-512")
 
         @torch.library.register_fake("vllm_dpq_cpu::linear")
-        def _(x, packed, group_scale, weight_scale, input_scale, bias, k, group, fp8_max, gemm_bf16, fused_max_m):
+        def _(x, packed, group_scale, weight_scale, input_scale, bias, k, group, fp8_max, gemm_bf16, dequant_min_m):
             return x.new_empty((x.shape[0], packed.shape[0]))
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch fallback
         logger.warning("DPQ: CPU kernel unavailable (%s); falling back to torch ops, FP8 weights rebuilt on "
@@ -126,7 +138,7 @@ def kernels():
 class CpuState:
     gemm_dtype: torch.dtype
     weights: W4A8Weights
-    fused_max_m: int  # FUSED_MAX_M of the kernel's ISA
+    dequant_min_m: int  # AMX: AMX_DEQUANT_MIN_M; 0: the kernel's GEMM at every M
     # torch.ops.vllm_dpq_cpu.linear, found at load; None: the torch fallback. apply() calls
     # nothing else, so torch.compile traces one opaque op (kernels() builds files: untraceable)
     linear: Any
@@ -140,8 +152,14 @@ class CpuBackend(Backend):
 
     def prepare(self, w: W4A8Weights) -> CpuState:
         ops = kernels()  # build (or find) the kernel at load, not in the first forward
-        fused = ops is not None and os.environ.get(ENV_FUSED, "0") == "1"
-        return CpuState(gemm_dtype(), w, FUSED_MAX_M[ops.isa()] if fused else 0, None if ops is None else ops.linear)
+        gemm = gemm_dtype()
+        if ops is None:
+            return CpuState(gemm, w, 0, None)
+        if gemm == torch.bfloat16 and ops.isa() != "avx512bf16":
+            raise ValueError(f"DPQ CPU backend: a bfloat16 GEMM needs AVX512-BF16 (this CPU's kernel: {ops.isa()}); "
+                             f"set {ENV_GEMM}=float32 or auto")
+        log_choice(ops.isa(), gemm)
+        return CpuState(gemm, w, AMX_DEQUANT_MIN_M if amx() else 0, ops.linear)
 
     def keeps_packed(self, state: CpuState):
         return True
@@ -153,5 +171,5 @@ class CpuBackend(Backend):
                                state.gemm_dtype)
         shape = x.shape
         y = state.linear(x.reshape(-1, shape[-1]), w.packed, w.group_scale, w.weight_scale, w.input_scale, bias, w.k,
-                         w.group_size, w.fp8_max, state.gemm_dtype == torch.bfloat16, state.fused_max_m)
+                         w.group_size, w.fp8_max, state.gemm_dtype == torch.bfloat16, state.dequant_min_m)
         return y.reshape(*shape[:-1], -1)

@@ -22,6 +22,9 @@
 
 namespace {
 
+// a 32-bit GEMM operand slot (one fp32 value or a pair of bf16 values), read from either
+typedef uint32_t slot_t __attribute__((may_alias));
+
 // one row of group scales, bf16 or fp8 as stored in the checkpoint
 struct ScaleRow {
   const void* p;
@@ -42,6 +45,15 @@ struct Weights {
     const char* base = static_cast<const char*>(scales) + r * groups * (fp8_scales ? 1 : 2);
     return ScaleRow{base, fp8_scales};
   }
+};
+
+// What the epilogue needs: y[m, n] = (acc * s_x[m]) * s_w[n] (+ bias[n]), rounded to y's dtype.
+struct Epilogue {
+  const float* sx;  // [M]
+  const float* sw;  // [N] or [1]
+  bool sw_per_n;
+  const float* bias;  // [N] or null
+  int64_t n;          // columns of y
 };
 
 }  // namespace
@@ -100,8 +112,6 @@ Isa& current() {
 
 Isa isa() { return current(); }
 
-int64_t lanes() { return isa() == Isa::avx2 ? 8 : 16; }
-
 std::string name_of(Isa v) {
   switch (v) {
     case Isa::avx512bf16: return "avx512bf16";
@@ -128,16 +138,16 @@ std::string use_isa(const std::string& name) {
   TORCH_CHECK(false, "unknown ISA ", name, " (avx2, avx512, avx512bf16)");
 }
 
-#define DPQ_ISA(call)                                   \
-  do {                                                  \
-    if (isa() == Isa::avx512bf16) {                     \
-      avx512bf16::call;                                 \
-    } else if (isa() == Isa::avx512) {                  \
-      avx512::call;                                     \
-    } else {                                            \
+#define DPQ_ISA(...)                                                                  \
+  do {                                                                                \
+    if (isa() == Isa::avx512bf16) {                                                   \
+      avx512bf16::__VA_ARGS__;                                                        \
+    } else if (isa() == Isa::avx512) {                                                \
+      avx512::__VA_ARGS__;                                                            \
+    } else {                                                                          \
       TORCH_CHECK(isa() == Isa::avx2, "DPQ CPU kernels need AVX2 + FMA or AVX-512"); \
-      avx2::call;                                       \
-    }                                                   \
+      avx2::__VA_ARGS__;                                                              \
+    }                                                                                 \
   } while (0)
 
 Weights weights_of(const at::Tensor& packed, const at::Tensor& group_scale, int64_t k, int64_t group,
@@ -157,7 +167,6 @@ Weights weights_of(const at::Tensor& packed, const at::Tensor& group_scale, int6
                  group, groups, static_cast<float>(fp8_max)};
 }
 
-// x [M, K] -> (x8 fp32 [M, ld] FP8 values, zero beyond K; s_x fp32 [M])
 // x [M, K] -> (x8 [M, ld] FP8 values in dtype (fp32 or bf16), zero beyond K; s_x fp32 [M])
 std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10::optional<at::Tensor>& input_scale,
                                                  double fp8_max, int64_t ld, at::ScalarType dtype) {
@@ -207,47 +216,39 @@ at::Tensor dequantize(const at::Tensor& packed, const at::Tensor& group_scale, i
   at::Tensor out = at::empty({w.n, k}, packed.options().dtype(dtype));
   at::parallel_for(0, w.n, 16, [&](int64_t n0, int64_t n1) {
     if (dtype == at::kFloat) {
-      DPQ_ISA(dequant_rows(w, out.data_ptr<float>(), n0, n1));
+      DPQ_ISA(dequant_rows(w, out.data_ptr<float>() + n0 * k, k, n0, n1));
     } else {
       TORCH_CHECK(dtype == at::kBFloat16, "dequantize to float32 or bfloat16");
-      DPQ_ISA(dequant_rows(w, out.data_ptr<c10::BFloat16>(), n0, n1));
+      DPQ_ISA(dequant_rows(w, out.data_ptr<c10::BFloat16>() + n0 * k, k, n0, n1));
     }
   });
   return out;
 }
 
+// y (x's dtype) from the GEMM result acc [M, N] (A: float or bf16)
 template <typename A>
-void epilogue(const at::Tensor& acc, const at::Tensor& sx, const at::Tensor& sw, const c10::optional<at::Tensor>& b,
-              at::Tensor& y) {
-  const int64_t m = acc.size(0), n = acc.size(1);
+void epilogue(const at::Tensor& acc, const Epilogue& e, at::Tensor& y) {
   const A* a = acc.data_ptr<A>();
-  const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
-  const bool per_n = sw.numel() > 1;
-  at::parallel_for(0, m, 1, [&](int64_t m0, int64_t m1) {
+  at::parallel_for(0, acc.size(0), 1, [&](int64_t m0, int64_t m1) {
     switch (y.scalar_type()) {
-      case at::kFloat:
-        DPQ_ISA(epilogue_rows(a, sx.data_ptr<float>(), sw.data_ptr<float>(), per_n, bp, y.data_ptr<float>(), n, m0, m1));
-        break;
-      case at::kBFloat16:
-        DPQ_ISA(epilogue_rows(a, sx.data_ptr<float>(), sw.data_ptr<float>(), per_n, bp,
-                              y.data_ptr<c10::BFloat16>(), n, m0, m1));
-        break;
-      default:
-        DPQ_ISA(epilogue_rows(a, sx.data_ptr<float>(), sw.data_ptr<float>(), per_n, bp, y.data_ptr<c10::Half>(),
-                              n, m0, m1));
+      case at::kFloat: DPQ_ISA(epilogue_rows(a, e, y.data_ptr<float>(), m0, m1)); break;
+      case at::kBFloat16: DPQ_ISA(epilogue_rows(a, e, y.data_ptr<c10::BFloat16>(), m0, m1)); break;
+      default: DPQ_ISA(epilogue_rows(a, e, y.data_ptr<c10::Half>(), m0, m1));
     }
   });
 }
 
-// y = W4A8(x [M, K], weights) in x's dtype: numerics.w4a8_matmul. M <= fused_max_m: fused
-// kernel (fp32 FMA; the sum order differs from torch's GEMM); else dequantize + torch GEMM in
-// bf16 (gemm_bf16) or fp32.
+// y = W4A8(x [M, K], weights) in x's dtype, numerics.w4a8_matmul with fp32 accumulation. The
+// kernel's own GEMM (dpq_cpu_isa.h): FP8 weight tiles made from the INT4 codes, fp32 FMA or,
+// with gemm_bf16 (AVX512-BF16), bf16 pair dot products; batch-invariant. M >= dequant_min_m
+// (> 0): the weights dequantized once to the GEMM dtype and torch's GEMM (oneDNN: AMX tiles).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& group_scale,
                   const at::Tensor& weight_scale, const c10::optional<at::Tensor>& input_scale,
                   const c10::optional<at::Tensor>& bias, int64_t k, int64_t group, double fp8_max, bool gemm_bf16,
-                  int64_t fused_max_m) {
+                  int64_t dequant_min_m) {
   const Weights w = weights_of(packed, group_scale, k, group, fp8_max);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "activations must be [M, ", k, "]");
+  TORCH_CHECK(!gemm_bf16 || isa() == Isa::avx512bf16, "a bf16 GEMM needs the avx512bf16 kernel, not ", isa_name());
   const int64_t m = x.size(0);
   const at::Tensor sw = weight_scale.to(at::kFloat).contiguous();
   TORCH_CHECK(sw.numel() == 1 || sw.numel() == w.n, "weight scale must have 1 or N elements");
@@ -255,34 +256,47 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
   at::Tensor y = at::empty({m, w.n}, x.options());
   if (m == 0) return y;
-  if (m <= fused_max_m) {
-    at::Tensor acc = at::empty({m, w.n}, x.options().dtype(at::kFloat));
-    float* ap = acc.data_ptr<float>();
-    at::Tensor sx;
-    if (isa() == Isa::avx512bf16 && avx512bf16::chunks32_ok(w)) {
-      const int64_t ld = (k + 31) / 32 * 32;
-      at::Tensor x8;
-      std::tie(x8, sx) = quantize_impl(x, input_scale, fp8_max, ld, at::kBFloat16);
-      const uint16_t* xp = reinterpret_cast<const uint16_t*>(x8.data_ptr<c10::BFloat16>());
-      at::parallel_for(0, w.n, 8, [&](int64_t n0, int64_t n1) { avx512bf16::gemv_rows_bf16(w, xp, ld, m, ap, n0, n1); });
+  Epilogue e{nullptr, sw.data_ptr<float>(), sw.numel() > 1, b.has_value() ? b->data_ptr<float>() : nullptr, w.n};
+  const at::ScalarType dt = gemm_bf16 ? at::kBFloat16 : at::kFloat;
+  if (dequant_min_m > 0 && m >= dequant_min_m) {
+    auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, k, dt);
+    e.sx = sx.data_ptr<float>();
+    at::Tensor acc = at::mm(x8, dequantize(packed, group_scale, k, group, fp8_max, dt).t());
+    if (gemm_bf16) {
+      epilogue<c10::BFloat16>(acc, e, y);
     } else {
-      const int64_t ld = (k + lanes() - 1) / lanes() * lanes();
-      at::Tensor x8;
-      std::tie(x8, sx) = quantize_impl(x, input_scale, fp8_max, ld, at::kFloat);
-      const float* xp = x8.data_ptr<float>();
-      at::parallel_for(0, w.n, 8, [&](int64_t n0, int64_t n1) { DPQ_ISA(gemv_rows(w, xp, ld, m, ap, n0, n1)); });
+      epilogue<float>(acc, e, y);
     }
-    epilogue<float>(acc, sx, sw, b, y);
     return y;
   }
-  const at::ScalarType dt = gemm_bf16 ? at::kBFloat16 : at::kFloat;
-  auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, k, dt);
-  at::Tensor acc = at::mm(x8, dequantize(packed, group_scale, k, group, fp8_max, dt).t());
-  if (gemm_bf16) {
-    epilogue<c10::BFloat16>(acc, sx, sw, b, y);
-  } else {
-    epilogue<float>(acc, sx, sw, b, y);
-  }
+  // bf16 pair slots where groups are whole 32-column chunks, else fp32 (the same exact products)
+  const bool pairs = gemm_bf16 && avx512bf16::chunks32_ok(w);
+  const int64_t ldx = pairs ? (k + 1) / 2 : k;  // slots per activation row
+  auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, pairs ? 2 * ldx : ldx, pairs ? at::kBFloat16 : at::kFloat);
+  e.sx = sx.data_ptr<float>();
+  const slot_t* xp = static_cast<const slot_t*>(x8.data_ptr());
+  constexpr int64_t MC = 1024;  // activation rows per tile (x block in L2; tile made once per MC rows)
+  const int64_t nr = isa() == Isa::avx2 ? avx2::NR : avx512::NR;
+  const int64_t nblocks = (w.n + nr - 1) / nr, tasks = (m + MC - 1) / MC * nblocks;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<uint32_t> tile;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = t / nblocks * MC, m1 = std::min(m, m0 + MC), n0 = t % nblocks * nr;
+      auto run = [&](auto* yp) {
+        using T = std::remove_pointer_t<decltype(yp)>;
+        if (pairs) {
+          avx512bf16::gemm_block<true, T>(w, xp, ldx, m0, m1, n0, e, yp, tile);
+        } else {
+          DPQ_ISA(gemm_block<false, T>(w, xp, ldx, m0, m1, n0, e, yp, tile));
+        }
+      };
+      switch (y.scalar_type()) {
+        case at::kFloat: run(y.data_ptr<float>()); break;
+        case at::kBFloat16: run(y.data_ptr<c10::BFloat16>()); break;
+        default: run(y.data_ptr<c10::Half>());
+      }
+    }
+  });
   return y;
 }
 
@@ -290,7 +304,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
 
 TORCH_LIBRARY(vllm_dpq_cpu, m) {
   m.def("linear(Tensor x, Tensor packed, Tensor group_scale, Tensor weight_scale, Tensor? input_scale, "
-        "Tensor? bias, int k, int group, float fp8_max, bool gemm_bf16, int fused_max_m) -> Tensor");
+        "Tensor? bias, int k, int group, float fp8_max, bool gemm_bf16, int dequant_min_m) -> Tensor");
   m.def("quantize(Tensor x, Tensor? input_scale, float fp8_max) -> (Tensor, Tensor)");
   m.def("dequantize(Tensor packed, Tensor group_scale, int k, int group, float fp8_max, ScalarType dtype) -> Tensor");
   m.def("isa() -> str", &isa_name);

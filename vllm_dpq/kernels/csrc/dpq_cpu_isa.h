@@ -150,35 +150,9 @@ static inline vf lookup(const Lut& t, vi idx) {
 }
 #endif
 
-// f(c, v) for every chunk c (columns c*W .. c*W+W-1) of row n, v its FP8 weight values in
-// fp32 lanes. The table of the 16 chain values is made once per group (a group that is not a
-// multiple of W columns, rare: per-lane scales for the chunks across a boundary).
-template <typename F>
-static inline void row_chunks(const Weights& w, int64_t n, F&& f) {
-  const int32_t* row = w.packed + n * w.kw;
-  const ScaleRow sr = w.scale_row(n);
-  const vf lim = vset1(w.fp8_max);
-  const int64_t chunks = (w.k + W - 1) / W;
-  auto idx = [&](int64_t c) { return codes(row + c * WORDS, (int)std::min<int64_t>(WORDS, w.kw - c * WORDS)); };
-  if (w.group % W == 0 || w.groups == 1) {
-    const int64_t per_group = w.groups == 1 ? chunks : w.group / W;
-    int64_t c = 0;
-    for (int64_t g = 0; g < w.groups; ++g) {
-      const Lut lut = make_lut(sr.at(g), lim);
-      for (const int64_t end = std::min(chunks, c + per_group); c < end; ++c) f(c, lookup(lut, idx(c)));
-    }
-    return;
-  }
-  alignas(64) float s[W];
-  for (int64_t c = 0; c < chunks; ++c) {
-    for (int l = 0; l < W; ++l) s[l] = sr.at(std::min(c * W + l, w.k - 1) / w.group);
-    f(c, fp8_round(vcvt(vadd(idx(c), vset1i(-8))) * vload(s), lim));
-  }
-}
-
 #if DPQ_AVX512
-// The same in 32-column chunks with the FP8 values as bf16 words (exact), by one 16-bit
-// permute per chunk; for groups that are multiples of 32 columns, or one group.
+// 32-column chunks with the FP8 values as bf16 words (exact), by one 16-bit permute per chunk;
+// for groups that are multiples of 32 columns, or one group.
 static inline bool chunks32_ok(const Weights& w) { return w.group % 32 == 0 || w.groups == 1; }
 
 static inline __m512i codes32(const int32_t* row, int nw) {  // words 4c..4c+3 -> 32 16-bit codes
@@ -206,54 +180,107 @@ static inline __m512i lut16x2(float s0, float s1, vf lim) {
   return _mm512_or_si512(_mm512_maskz_permutexvar_epi16(nonzero, src, m), sign);
 }
 
-template <typename F>
-static inline void row_chunks32(const Weights& w, int64_t n, F&& f) {
-  const int32_t* row = w.packed + n * w.kw;
-  const ScaleRow sr = w.scale_row(n);
-  const vf lim = vset1(w.fp8_max);
-  const int64_t chunks = (w.k + 31) / 32;
-  const int64_t per_group = w.groups == 1 ? chunks : w.group / 32;
-  const __m512i second = _mm512_set1_epi16(16);
-  int64_t c = 0;
-  for (int64_t g = 0; g < w.groups; g += 2) {
-    const __m512i lut = lut16x2(sr.at(g), sr.at(std::min(g + 1, w.groups - 1)), lim);
-    for (int h = 0; h < 2 && c < chunks; ++h) {
-      for (const int64_t end = std::min(chunks, c + per_group); c < end; ++c) {
-        __m512i idx = codes32(row + 4 * c, (int)std::min<int64_t>(4, w.kw - 4 * c));
-        f(c, _mm512_permutexvar_epi16(h ? _mm512_or_si512(idx, second) : idx, lut));
-      }
-    }
-  }
-}
-
 static inline __mmask32 mask32(int64_t cols) { return cols >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << cols) - 1); }
 #endif
 
-// Dequantize rows [n0, n1) to out [N, K] (fp32 or bf16; FP8 values are exact in both).
-template <typename T>
-static void dequant_rows(const Weights& w, T* out, int64_t n0, int64_t n1) {
+// The FP8 weight values of W rows [n0, n0 + W) (rows past N repeat the last row), chunk by
+// chunk in order: chunk c of row i in r[i], lanes over K. PAIRS (AVX-512, chunks32_ok): 32
+// columns per chunk as bf16 words (W 32-bit slots of pairs); else W columns as fp32. Past K:
+// finite values of no meaning. The tables of the 16 chain values of every row are made when the
+// chunks enter a new group (two groups per table with PAIRS); groups that are not a multiple of
+// the chunk (rare): per-lane scales.
+template <bool PAIRS>
+struct RowBlock {
+  static constexpr int COLS = PAIRS ? 32 : W;  // columns per chunk
+  const Weights& w;
+  const int32_t* row[W];
+  ScaleRow sr[W];
+  int64_t per_group, end = 0, g = -1;  // chunks per group (0: not a multiple of COLS); current group
 #if DPQ_AVX512
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (chunks32_ok(w)) {
-      for (int64_t n = n0; n < n1; ++n) {
-        T* o = out + n * w.k;
-        row_chunks32(w, n, [&](int64_t c, __m512i v) { _mm512_mask_storeu_epi16(o + 32 * c, mask32(w.k - 32 * c), v); });
+  using Table = std::conditional_t<PAIRS, __m512i, Lut>;
+#else
+  using Table = Lut;
+#endif
+  Table lut[W];
+
+  RowBlock(const Weights& w_, int64_t n0) : w(w_) {
+    for (int i = 0; i < W; ++i) {
+      const int64_t n = std::min(n0 + i, w.n - 1);
+      row[i] = w.packed + n * w.kw;
+      sr[i] = w.scale_row(n);
+    }
+    per_group = w.groups == 1 ? (w.k + COLS - 1) / COLS : w.group % COLS == 0 ? w.group / COLS : 0;
+  }
+
+  void chunk(int64_t c, vi r[W]) {
+    const vf lim = vset1(w.fp8_max);
+    const int words = COLS / 8, nw = (int)std::min<int64_t>(words, w.kw - c * words);
+    if (per_group == 0) {  // per-lane scales
+      alignas(64) float s[W];
+      for (int i = 0; i < W; ++i) {
+        for (int l = 0; l < W; ++l) s[l] = sr[i].at(std::min(c * W + l, w.k - 1) / w.group);
+        r[i] = vcasti(fp8_round(vcvt(vadd(codes(row[i] + c * WORDS, nw), vset1i(-8))) * vload(s), lim));
       }
       return;
     }
-  }
+    if (c >= end) {
+      end += per_group;
+      ++g;
+#if DPQ_AVX512
+      if constexpr (PAIRS) {
+        if (g % 2 == 0)
+          for (int i = 0; i < W; ++i) lut[i] = lut16x2(sr[i].at(g), sr[i].at(std::min(g + 1, w.groups - 1)), lim);
+      } else
 #endif
-  for (int64_t n = n0; n < n1; ++n) {
-    T* o = out + n * w.k;
-    row_chunks(w, n, [&](int64_t c, vf v) {
-      const int cols = (int)std::min<int64_t>(W, w.k - c * W);
-      if constexpr (std::is_same_v<T, float>) {
-        vstoren(o + c * W, v, cols);
-      } else {
-        vstoren_bf16(o + c * W, v, cols);
+      {
+        for (int i = 0; i < W; ++i) lut[i] = make_lut(sr[i].at(g), lim);
       }
-    });
+    }
+#if DPQ_AVX512
+    if constexpr (PAIRS) {
+      const __m512i sel = _mm512_set1_epi16(g % 2 ? 16 : 0);
+      for (int i = 0; i < W; ++i) r[i] = _mm512_permutexvar_epi16(_mm512_or_si512(codes32(row[i] + 4 * c, nw), sel), lut[i]);
+    } else
+#endif
+    {
+      for (int i = 0; i < W; ++i) r[i] = vcasti(lookup(lut[i], codes(row[i] + c * WORDS, nw)));
+    }
   }
+};
+
+// Dequantize rows [n0, n1) to out (row n at out + (n - n0) * ld; fp32 or bf16: FP8 values are
+// exact in both).
+template <typename T>
+static void dequant_rows(const Weights& w, T* out, int64_t ld, int64_t n0, int64_t n1) {
+  auto run = [&](auto block) {
+    constexpr int COLS = decltype(block)::COLS;
+    for (int64_t b = n0; b < n1; b += W) {
+      decltype(block) rb(w, b);
+      vi r[W];
+      for (int64_t c = 0; c * COLS < w.k; ++c) {
+        rb.chunk(c, r);
+        const int cols = (int)std::min<int64_t>(COLS, w.k - c * COLS);
+        for (int i = 0; i < W && b + i < n1; ++i) {
+          T* o = out + (b + i - n0) * ld + c * COLS;
+#if DPQ_AVX512
+          if constexpr (COLS == 32) {
+            _mm512_mask_storeu_epi16(o, mask32(cols), r[i]);
+            continue;
+          }
+#endif
+          if constexpr (std::is_same_v<T, float>) {
+            vstoren(o, vcast(r[i]), cols);
+          } else {
+            vstoren_bf16(o, vcast(r[i]), cols);
+          }
+        }
+      }
+    }
+  };
+#if DPQ_AVX512
+  if (std::is_same_v<T, c10::BFloat16> && chunks32_ok(w)) return run(RowBlock<true>(w, n0));
+#endif
+  run(RowBlock<false>(w, n0));
 }
 
 template <typename T>
@@ -301,68 +328,159 @@ static void quantize_rows(const T* x, int64_t k, float fp8_max, const float* sta
   }
 }
 
-// acc[m, n] = sum_k x8[m, k] * w8[n, k] for rows n0..n1, MB activation rows at a time
-// (x8 [M, ldx] zero-padded to a multiple of W); the weights are dequantized in registers.
-template <int MB>
-static inline void gemv_block(const Weights& w, const float* x8, int64_t ldx, int64_t m0, int64_t n,
-                              float* acc_out, int64_t ldacc) {
-  vf acc[MB];
-  for (int i = 0; i < MB; ++i) acc[i] = vzero();
-  const float* xb = x8 + m0 * ldx;
-  row_chunks(w, n, [&](int64_t c, vf v) {
-    for (int i = 0; i < MB; ++i) acc[i] = vfma(v, vload(xb + i * ldx + c * W), acc[i]);
-  });
-  for (int i = 0; i < MB; ++i) acc_out[(m0 + i) * ldacc + n] = vsum(acc[i]);
+// ---- The GEMM (every M): an N block of NR = 2W weight rows is dequantized (lanes over K, the
+// tables above) into a row buffer, transposed into a tile [slots][NR] of 32-bit slots, then
+// multiplied by MR activation rows at a time into 2 * MR vector accumulators (lanes over N), the
+// epilogue applied in registers. A slot is one fp32 value (fp32 FMA) or, with AVX512-BF16, a
+// pair of bf16 values of columns 2p, 2p + 1 (vdpbf16ps: both exact products added in fp32).
+// Every output is summed over its slots in order, one after another, whatever M, the block or
+// the thread: the result of a row does not depend on the rows it is computed with.
+constexpr int NR = 2 * W;
+#if DPQ_AVX512
+constexpr int MR = 12;  // 24 accumulators + 2 weight vectors + 1 broadcast of 32 registers
+static inline void transpose(vi r[W]) {  // r[i][j] <- r[j][i], 16 x 16 32-bit values
+  vi t[W];
+  for (int i = 0; i < W; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < W; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4q + j], 128-bit lane l: column 4l + j of rows 4q..4q+3
+  for (int j = 0; j < 4; ++j) {
+    const vi u0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88), u1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xdd);
+    const vi v0 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88), v1 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xdd);
+    t[j] = _mm512_shuffle_i32x4(u0, v0, 0x88);
+    t[4 + j] = _mm512_shuffle_i32x4(u1, v1, 0x88);
+    t[8 + j] = _mm512_shuffle_i32x4(u0, v0, 0xdd);
+    t[12 + j] = _mm512_shuffle_i32x4(u1, v1, 0xdd);
+  }
+  for (int i = 0; i < W; ++i) r[i] = t[i];
 }
-
-#if DPQ_BF16
-// The fused kernel with AVX512-BF16 dot products (x8 bf16 [M, ldx], ldx a multiple of 32,
-// zero-padded): exact products, fp32 accumulation; chunks32_ok(w) only.
-template <int MB>
-static inline void gemv_block_bf16(const Weights& w, const uint16_t* x8, int64_t ldx, int64_t m0, int64_t n,
-                                   float* acc_out, int64_t ldacc) {
-  __m512 acc[MB];
-  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
-  const uint16_t* xb = x8 + m0 * ldx;
-  row_chunks32(w, n, [&](int64_t c, __m512i v) {
-    for (int i = 0; i < MB; ++i)
-      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)v, (__m512bh)_mm512_loadu_si512(xb + i * ldx + 32 * c));
-  });
-  for (int i = 0; i < MB; ++i) acc_out[(m0 + i) * ldacc + n] = _mm512_reduce_add_ps(acc[i]);
+static inline vi vloadi(const uint32_t* p) { return _mm512_loadu_si512(p); }
+static inline void vstorei(uint32_t* p, vi v) { _mm512_storeu_si512(p, v); }
+#else
+constexpr int MR = 6;  // 12 accumulators + 2 weight vectors + 1 broadcast of 16 registers
+static inline void transpose(vi r[W]) {  // 8 x 8 32-bit values
+  vi t[W];
+  for (int i = 0; i < W; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < W; i += 4) {
+    r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm256_permute2x128_si256(r[j], r[4 + j], 0x20);
+    t[4 + j] = _mm256_permute2x128_si256(r[j], r[4 + j], 0x31);
+  }
+  for (int i = 0; i < W; ++i) r[i] = t[i];
 }
-#define DPQ_GEMV_BLOCK gemv_block_bf16
-#define DPQ_GEMV_ROWS gemv_rows_bf16
-#define DPQ_X_T uint16_t
-#include "dpq_cpu_rows.h"
+static inline vi vloadi(const uint32_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline void vstorei(uint32_t* p, vi v) { _mm256_storeu_si256((__m256i*)p, v); }
 #endif
 
-#define DPQ_GEMV_BLOCK gemv_block
-#define DPQ_GEMV_ROWS gemv_rows
-#define DPQ_X_T float
-#include "dpq_cpu_rows.h"
-// y[m, n] = (acc[m, n] * s_x[m]) * s_w[n] (+ bias[n]) in fp32, rounded to T (nearest even):
-// numerics.w4a8_matmul's epilogue, operation for operation.
-template <typename A, typename T>
-static void epilogue_rows(const A* acc, const float* sx, const float* sw, bool sw_per_n, const float* bias,
-                          T* y, int64_t n, int64_t m0, int64_t m1) {
-  for (int64_t m = m0; m < m1; ++m) {
-    const vf s = vset1(sx[m]);
-    for (int64_t j = 0; j < n; j += W) {
-      const int c = (int)std::min<int64_t>(W, n - j);
-      vf v = (load_x(acc + m * n + j, c) * s) * (sw_per_n ? vloadn(sw + j, c) : vset1(sw[0]));
-      if (bias) v = v + vloadn(bias + j, c);
-      T* o = y + m * n + j;
-      if constexpr (std::is_same_v<T, float>) {
-        vstoren(o, v, c);
-      } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        vi u = vcasti(v);
-        u = vand(vadd(u, vadd(vset1i(0x7fff), vand(vsrli(u, 16), vset1i(1)))), vset1i((int)0xffff0000u));
-        vstoren_bf16(o, vcast(u), c);
-      } else {
-        alignas(64) float t[W];
-        vstore(t, v);
-        for (int i = 0; i < c; ++i) o[i] = static_cast<T>(t[i]);
-      }
+// The tile of weight rows [n0, n0 + NR): tile[slot][NR] (slots rounded up to W), one chunk of W
+// rows (W slots each) transposed in registers; PAIRS: bf16 pair slots, else fp32 slots.
+template <bool PAIRS>
+static void make_tile(const Weights& w, int64_t n0, int64_t slots, uint32_t* tile) {
+  for (int h = 0; h < NR; h += W) {
+    RowBlock<PAIRS> rb(w, n0 + h);
+    vi r[W];
+    for (int64_t s = 0, c = 0; s < slots; s += W, ++c) {
+      rb.chunk(c, r);
+      transpose(r);
+      for (int i = 0; i < W; ++i) vstorei(tile + (s + i) * NR + h, r[i]);
     }
   }
+}
+
+template <typename T>
+static inline void store_out(const Epilogue& e, int64_t m, int64_t j, vf acc, T* y);
+
+// MR_ activation rows from m0 against the tile of columns [n0, n0 + NR); BF16: pair slots.
+template <int MR_, bool BF16, typename T>
+static inline void tile_rows(const uint32_t* tile, int64_t slots, const slot_t* x, int64_t ldx, int64_t m0,
+                             int64_t n0, const Epilogue& e, T* y) {
+  vf acc[MR_][2];
+  for (int i = 0; i < MR_; ++i) acc[i][0] = acc[i][1] = vzero();
+  const slot_t* xr = x + m0 * ldx;
+  for (int64_t p = 0; p < slots; ++p) {
+    const vi w0 = vloadi(tile + p * NR), w1 = vloadi(tile + p * NR + W);
+    for (int i = 0; i < MR_; ++i) {
+#if DPQ_BF16
+      if constexpr (BF16) {
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xr[i * ldx + p]);
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xb, (__m512bh)w0);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xb, (__m512bh)w1);
+        continue;
+      }
+#endif
+      const vf xb = vset1(reinterpret_cast<const float*>(xr)[i * ldx + p]);
+      acc[i][0] = vfma(xb, vcast(w0), acc[i][0]);
+      acc[i][1] = vfma(xb, vcast(w1), acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MR_; ++i) {
+    store_out(e, m0 + i, n0, acc[i][0], y);
+    store_out(e, m0 + i, n0 + W, acc[i][1], y);
+  }
+}
+
+template <int MR_, bool BF16, typename T>
+static inline void tile_rows_tail(int rows, const uint32_t* tile, int64_t slots, const slot_t* x, int64_t ldx,
+                                  int64_t m0, int64_t n0, const Epilogue& e, T* y) {
+  if (rows == MR_) {
+    tile_rows<MR_, BF16>(tile, slots, x, ldx, m0, n0, e, y);
+  } else if constexpr (MR_ > 1) {
+    tile_rows_tail<MR_ - 1, BF16>(rows, tile, slots, x, ldx, m0, n0, e, y);
+  }
+}
+
+// y[m0:m1, n0:n0+NR] = epilogue(x8[m0:m1] . tile^T); x8 [M, ldx slots], zero past K.
+template <bool BF16, typename T>
+static void gemm_block(const Weights& w, const slot_t* x8, int64_t ldx, int64_t m0, int64_t m1, int64_t n0,
+                       const Epilogue& e, T* y, std::vector<uint32_t>& tile) {
+  const int64_t slots = BF16 ? (w.k + 1) / 2 : w.k;
+  tile.resize(NR * ((slots + W - 1) / W * W));
+  make_tile<BF16>(w, n0, slots, tile.data());
+  int64_t m = m0;
+  for (; m + MR <= m1; m += MR) tile_rows<MR, BF16>(tile.data(), slots, x8, ldx, m, n0, e, y);
+  if (m < m1) tile_rows_tail<MR - 1, BF16>((int)(m1 - m), tile.data(), slots, x8, ldx, m, n0, e, y);
+}
+
+// y[m, n] = (acc[m, n] * s_x[m]) * s_w[n] (+ bias[n]) in fp32, rounded to T (nearest even):
+// numerics.w4a8_matmul's epilogue, operation for operation; columns j.. of row m (W or fewer).
+template <typename T>
+static inline void store_out(const Epilogue& e, int64_t m, int64_t j, vf acc, T* y) {
+  if (j >= e.n) return;
+  const int c = (int)std::min<int64_t>(W, e.n - j);
+  vf v = (acc * vset1(e.sx[m])) * (e.sw_per_n ? vloadn(e.sw + j, c) : vset1(e.sw[0]));
+  if (e.bias) v = v + vloadn(e.bias + j, c);
+  T* o = y + m * e.n + j;
+  if constexpr (std::is_same_v<T, float>) {
+    vstoren(o, v, c);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    vi u = vcasti(v);
+    u = vand(vadd(u, vadd(vset1i(0x7fff), vand(vsrli(u, 16), vset1i(1)))), vset1i((int)0xffff0000u));
+    vstoren_bf16(o, vcast(u), c);
+  } else {
+    alignas(64) float t[W];
+    vstore(t, v);
+    for (int i = 0; i < c; ++i) o[i] = static_cast<T>(t[i]);
+  }
+}
+
+// The epilogue over a GEMM result acc [M, N] (A: float or bf16), rows [m0, m1).
+template <typename A, typename T>
+static void epilogue_rows(const A* acc, const Epilogue& e, T* y, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t j = 0; j < e.n; j += W) store_out(e, m, j, load_x(acc + m * e.n + j, (int)std::min<int64_t>(W, e.n - j)), y);
 }
