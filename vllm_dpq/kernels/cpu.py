@@ -69,9 +69,10 @@ def gemm_dtype() -> torch.dtype:
     return GEMM_DTYPES[choice]
 
 
-# with AMX tiles: activation rows from which dequantization + torch's (AMX) GEMM replaces the
-# kernel's own vector GEMM (docs/RESULTS.md, "CPU kernel": on an AMX machine torch's bf16 GEMM
-# was 2.8x this AVX512-BF16 machine's at M = 256, level at M <= 32)
+# with AMX tiles: activation rows from which dequantization + torch's GEMM (oneDNN on AMX tiles,
+# several times the bf16 throughput of vector dot products) replaces the kernel's own GEMM. Not
+# measured with this kernel (no AMX machine since it was written): before it, on an AMX machine,
+# dequantization + torch's GEMM was 0.53x vLLM's bf16 linear at M = 256 (docs/RESULTS.md).
 AMX_DEQUANT_MIN_M = 64
 CSRC = Path(__file__).parent / "csrc"
 

@@ -140,9 +140,12 @@ static inline vf fp8_round(vf x, vf lim) {
 static inline Lut make_lut(float s, vf lim) { return Lut{fp8_round(_mm512_mul_ps(code_iota(), vset1(s)), lim)}; }
 static inline vf lookup(const Lut& t, vi idx) { return _mm512_permutexvar_ps(idx, t.v); }
 #else
+// fp8 rounding is odd-symmetric: one rounding of |c| * s for |c| = 1..8 serves both halves
 static inline Lut make_lut(float s, vf lim) {
-  const vf lo = _mm256_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1), hi = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-  return Lut{fp8_round(_mm256_mul_ps(lo, vset1(s)), lim), fp8_round(_mm256_mul_ps(hi, vset1(s)), lim)};
+  const vf r = fp8_round(_mm256_mul_ps(_mm256_setr_ps(1, 2, 3, 4, 5, 6, 7, 8), vset1(s)), lim);
+  const vf lo = _mm256_xor_ps(_mm256_permutevar8x32_ps(r, _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)), vset1(-0.0f));
+  const vf hi = _mm256_blend_ps(_mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6)), vzero(), 1);
+  return Lut{lo, hi};  // codes 0..7: -fp8(8s) .. -fp8(s); 8..15: 0, fp8(s) .. fp8(7s)
 }
 static inline vf lookup(const Lut& t, vi idx) {
   vf a = _mm256_permutevar8x32_ps(t.lo, idx), b = _mm256_permutevar8x32_ps(t.hi, idx);
