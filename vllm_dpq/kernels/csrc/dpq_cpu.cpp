@@ -1,11 +1,13 @@
 // The CPU backend's W4A8 kernels (vllm_dpq/kernels/cpu.py builds this at first use).
 //
 // INT4 codes stay resident; the FP8 weight values fp8(q * s_g) are made in registers: per
-// (row, group) a 16-entry table of the chain values (one permute per W columns), so no
-// full-size temporary exists. Small M: fused dequantize + dot products, fp32 FMA. Larger M:
-// the weights are dequantized once per call (one pass, to the GEMM dtype) and multiplied by
-// torch's GEMM (oneDNN / MKL), bit-identical to numerics.w4a8_matmul. AVX-512 or AVX2 code,
-// chosen at run time; registered as torch ops (torch.ops.vllm_dpq_cpu.*).
+// (row, group) a 16-entry table of the chain values, one permute per 16 or 32 codes, so no
+// full-size temporary exists. linear(): per block of output rows the values are written into a
+// cache-resident tile in the layout of the dot-product instruction, and the kernel's own
+// register-blocked GEMM (bf16 pair dot products with AVX512-BF16, fp32 FMA elsewhere) sums each
+// output over K in one order whatever M (batch-invariant); with AMX, large M dequantizes once and
+// calls torch's GEMM. AVX-512 or AVX2 code, chosen at run time; registered as torch ops
+// (torch.ops.vllm_dpq_cpu.*).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -186,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10:
               "activations must be bf16, fp16 or fp32, got ", xc.scalar_type());
   float* s = sx.data_ptr<float>();
   const float fm = static_cast<float>(fp8_max);
-  at::parallel_for(0, m, 1, [&](int64_t m0, int64_t m1) {
+  // a parallel region costs microseconds: rows of fewer than 2^15 values in all stay on this thread
+  at::parallel_for(0, m, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
     auto run = [&](auto* o) {
       switch (xc.scalar_type()) {
         case at::kFloat: DPQ_ISA(quantize_rows(xc.data_ptr<float>(), k, fm, sp, o, ld, s, m0, m1)); break;
@@ -275,10 +278,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, pairs ? 2 * ldx : ldx, pairs ? at::kBFloat16 : at::kFloat);
   e.sx = sx.data_ptr<float>();
   const slot_t* xp = static_cast<const slot_t*>(x8.data_ptr());
-  constexpr int64_t MC = 1024;  // activation rows per tile (x block in L2; tile made once per MC rows)
+  constexpr int64_t MC = 1024;  // activation rows per task: its tile is made once per MC rows
   const int64_t nr = isa() == Isa::avx2 ? avx2::NR : avx512::NR;
   const int64_t nblocks = (w.n + nr - 1) / nr, tasks = (m + MC - 1) / MC * nblocks;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  // work of a task in multiply-adds, making its tile counted as ~22 per weight (0.35 cycles at
+  // 64 per cycle); at least 2^18 per thread, so that small layers stay on this thread
+  const int64_t task_work = nr * k * (22 + std::min(m, MC));
+  at::parallel_for(0, tasks, std::max<int64_t>(1, (1 << 18) / task_work), [&](int64_t t0, int64_t t1) {
     thread_local std::vector<uint32_t> tile;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = t / nblocks * MC, m1 = std::min(m, m0 + MC), n0 = t % nblocks * nr;
