@@ -331,64 +331,57 @@ static void quantize_rows(const T* x, int64_t k, float fp8_max, const float* sta
   }
 }
 
-// ---- The GEMM (every M): an N block of NR = 2W weight rows is dequantized (lanes over K, the
-// tables above) into a row buffer, transposed into a tile [slots][NR] of 32-bit slots, then
-// multiplied by MR activation rows at a time into 2 * MR vector accumulators (lanes over N), the
-// epilogue applied in registers. A slot is one fp32 value (fp32 FMA) or, with AVX512-BF16, a
-// pair of bf16 values of columns 2p, 2p + 1 (vdpbf16ps: both exact products added in fp32).
-// Every output is summed over its slots in order, one after another, whatever M, the block or
-// the thread: the result of a row does not depend on the rows it is computed with.
+// ---- The GEMM (every M): the FP8 values of a block of NR = 2W weight rows are made W rows at
+// a time (RowBlock, lanes over K), transposed in registers into a tile [slots][NR] of 32-bit
+// slots, then multiplied by MR activation rows at a time into 2 * MR vector accumulators (lanes
+// over N), the epilogue applied in registers. A slot is one fp32 value (fp32 FMA) or, with
+// AVX512-BF16, a pair of bf16 values of columns 2p, 2p + 1 (vdpbf16ps: both exact products
+// added in fp32). Every output is summed over its slots in order, one after another, whatever
+// M, the block or the thread: the result of a row does not depend on the rows it is computed with.
 constexpr int NR = 2 * W;
 #if DPQ_AVX512
 constexpr int MR = 12;  // 24 accumulators + 2 weight vectors + 1 broadcast of 32 registers
-static inline void transpose(vi r[W]) {  // r[i][j] <- r[j][i], 16 x 16 32-bit values
+static inline vi vunpack32(vi a, vi b, bool hi) { return hi ? _mm512_unpackhi_epi32(a, b) : _mm512_unpacklo_epi32(a, b); }
+static inline vi vunpack64(vi a, vi b, bool hi) { return hi ? _mm512_unpackhi_epi64(a, b) : _mm512_unpacklo_epi64(a, b); }
+static inline vi vloadi(const uint32_t* p) { return _mm512_loadu_si512(p); }
+static inline void vstorei(uint32_t* p, vi v) { _mm512_storeu_si512(p, v); }
+#else
+constexpr int MR = 6;  // 12 accumulators + 2 weight vectors + 1 broadcast of 16 registers
+static inline vi vunpack32(vi a, vi b, bool hi) { return hi ? _mm256_unpackhi_epi32(a, b) : _mm256_unpacklo_epi32(a, b); }
+static inline vi vunpack64(vi a, vi b, bool hi) { return hi ? _mm256_unpackhi_epi64(a, b) : _mm256_unpacklo_epi64(a, b); }
+static inline vi vloadi(const uint32_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline void vstorei(uint32_t* p, vi v) { _mm256_storeu_si256((__m256i*)p, v); }
+#endif
+
+// r[i][j] <- r[j][i], W x W 32-bit values: 4 x 4 blocks within each 128-bit lane, then the lanes
+static inline void transpose(vi r[W]) {
   vi t[W];
   for (int i = 0; i < W; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    t[i] = vunpack32(r[i], r[i + 1], false);
+    t[i + 1] = vunpack32(r[i], r[i + 1], true);
   }
   for (int i = 0; i < W; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    r[i] = vunpack64(t[i], t[i + 2], false);
+    r[i + 1] = vunpack64(t[i], t[i + 2], true);
+    r[i + 2] = vunpack64(t[i + 1], t[i + 3], false);
+    r[i + 3] = vunpack64(t[i + 1], t[i + 3], true);
   }
   // r[4q + j], 128-bit lane l: column 4l + j of rows 4q..4q+3
   for (int j = 0; j < 4; ++j) {
+#if DPQ_AVX512
     const vi u0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88), u1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xdd);
     const vi v0 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88), v1 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xdd);
     t[j] = _mm512_shuffle_i32x4(u0, v0, 0x88);
     t[4 + j] = _mm512_shuffle_i32x4(u1, v1, 0x88);
     t[8 + j] = _mm512_shuffle_i32x4(u0, v0, 0xdd);
     t[12 + j] = _mm512_shuffle_i32x4(u1, v1, 0xdd);
-  }
-  for (int i = 0; i < W; ++i) r[i] = t[i];
-}
-static inline vi vloadi(const uint32_t* p) { return _mm512_loadu_si512(p); }
-static inline void vstorei(uint32_t* p, vi v) { _mm512_storeu_si512(p, v); }
 #else
-constexpr int MR = 6;  // 12 accumulators + 2 weight vectors + 1 broadcast of 16 registers
-static inline void transpose(vi r[W]) {  // 8 x 8 32-bit values
-  vi t[W];
-  for (int i = 0; i < W; i += 2) {
-    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < W; i += 4) {
-    r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {
     t[j] = _mm256_permute2x128_si256(r[j], r[4 + j], 0x20);
     t[4 + j] = _mm256_permute2x128_si256(r[j], r[4 + j], 0x31);
+#endif
   }
   for (int i = 0; i < W; ++i) r[i] = t[i];
 }
-static inline vi vloadi(const uint32_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
-static inline void vstorei(uint32_t* p, vi v) { _mm256_storeu_si256((__m256i*)p, v); }
-#endif
 
 // The tile of weight rows [n0, n0 + NR): tile[slot][NR] (slots rounded up to W), one chunk of W
 // rows (W slots each) transposed in registers; PAIRS: bf16 pair slots, else fp32 slots.
