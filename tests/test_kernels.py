@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from vllm_dpq.kernels import BACKENDS, ENV_BACKEND, cpu, select_backend
+from vllm_dpq.kernels.base import W4A8Weights
 from vllm_dpq.numerics import FP8_DTYPE, Scheme, quantize_activation, reference_linear, w4a8_matmul
+from vllm_dpq.packing import pack_int4
 
 # tests/kernel_cases.py, shared with the Triton tests
 from kernel_cases import (ACT_STATIC_SCALES, SCALE_DTYPES, activation_input, activation_mismatch, close, make,
@@ -132,6 +134,23 @@ def test_cpu_kernel_dequantize_is_exact(sdt, n, k, g, isa):
     for dtype in (torch.float32, torch.bfloat16):
         w8 = isa.dequantize(w.packed, w.group_scale, w.k, w.group_size, w.fp8_max, dtype)
         assert w8.dtype == dtype and tile_mismatches(w8.float().to(FP8_DTYPE), w) == 0
+
+
+@pytest.mark.parametrize("sdt", SCALE_DTYPES)
+def test_cpu_kernel_chain_values_of_every_scale(sdt, isa):
+    """The kernel's chain values (a table indexed by the scale's bits) equal fp8_values() for
+    every finite positive group scale of the storage dtype and every code."""
+    dtype = getattr(torch, sdt)
+    bits = torch.arange(1, 0x7F80 if dtype == torch.bfloat16 else 0x7F, dtype=torch.int32)
+    scales = (bits.to(torch.int16).view(torch.bfloat16) if dtype == torch.bfloat16
+              else bits.to(torch.uint8).view(torch.float8_e4m3fn))
+    n, k, group = 128, 32 * (-(-scales.numel() // 128)), 32
+    s = torch.ones(n * k // group, dtype=torch.float32)
+    s[: scales.numel()] = scales.float()
+    q = (torch.arange(n * k) % 16 - 8).to(torch.int8).reshape(n, k)
+    w = W4A8Weights(pack_int4(q), s.reshape(n, -1).to(dtype), torch.tensor([1.0]), None, k, group, 448.0)
+    for out in (torch.float32, torch.bfloat16):
+        assert tile_mismatches(isa.dequantize(w.packed, w.group_scale, k, group, 448.0, out).float().to(FP8_DTYPE), w) == 0
 
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])

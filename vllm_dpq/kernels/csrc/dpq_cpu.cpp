@@ -18,6 +18,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <memory>
+#include <mutex>
+#include <vector>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -27,13 +31,48 @@ namespace {
 // a 32-bit GEMM operand slot (one fp32 value or a pair of bf16 values), read from either
 typedef uint32_t slot_t __attribute__((may_alias));
 
+// The 16 chain values fp8(clamp((c - 8) * s, -fp8_max, fp8_max)) (code c) of every bf16 value s
+// as bf16 words (exact), indexed by s's 16 bits: [65536][16], 2 MiB. Made once per fp8_max with
+// c10's fp8 conversion, the one torch (and so numerics.py) uses. Group scales are bf16 or fp8
+// (both exact in bf16), so the table of a (row, group) is one load.
+const uint16_t* chain_table(float fp8_max) {
+  static std::mutex mu;
+  static std::vector<std::pair<float, std::unique_ptr<uint16_t[]>>> made;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const auto& [f, t] : made)
+    if (f == fp8_max) return t.get();
+  auto t = std::make_unique<uint16_t[]>(65536 * 16);
+  at::parallel_for(0, 65536, 4096, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float s = c10::BFloat16(static_cast<uint16_t>(b), c10::BFloat16::from_bits());
+      for (int c = 0; c < 16; ++c) {
+        const float v = std::min(std::max(static_cast<float>(c - 8) * s, -fp8_max), fp8_max);
+        t[b * 16 + c] = c10::BFloat16(static_cast<float>(c10::Float8_e4m3fn(v))).x;
+      }
+    }
+  });
+  made.emplace_back(fp8_max, std::move(t));
+  return made.back().second.get();
+}
+
+// the bf16 bits of every float8_e4m3fn value
+const uint16_t* fp8_bf16_bits() {
+  static const auto bits = [] {
+    std::array<uint16_t, 256> b{};
+    for (int i = 0; i < 256; ++i)
+      b[i] = c10::BFloat16(static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(i), c10::Float8_e4m3fn::from_bits()))).x;
+    return b;
+  }();
+  return bits.data();
+}
+
 // one row of group scales, bf16 or fp8 as stored in the checkpoint
 struct ScaleRow {
   const void* p;
   bool fp8;
-  inline float at(int64_t g) const {
-    return fp8 ? static_cast<float>(static_cast<const c10::Float8_e4m3fn*>(p)[g])
-               : static_cast<float>(static_cast<const c10::BFloat16*>(p)[g]);
+  // the bf16 bits of scale g: its index in chain_table
+  inline uint32_t bits(int64_t g) const {
+    return fp8 ? fp8_bf16_bits()[static_cast<const uint8_t*>(p)[g]] : static_cast<const uint16_t*>(p)[g];
   }
 };
 
@@ -42,11 +81,13 @@ struct Weights {
   const void* scales;     // [n, groups]
   bool fp8_scales;
   int64_t n, k, kw, group, groups;
-  float fp8_max;
+  const uint16_t* chain;  // chain_table(fp8_max)
   ScaleRow scale_row(int64_t r) const {
     const char* base = static_cast<const char*>(scales) + r * groups * (fp8_scales ? 1 : 2);
     return ScaleRow{base, fp8_scales};
   }
+  // the 16 chain values of scale g of row sr, bf16 words
+  const uint16_t* table(const ScaleRow& sr, int64_t g) const { return chain + 16 * sr.bits(g); }
 };
 
 // What the epilogue needs: y[m, n] = (acc * s_x[m]) * s_w[n] (+ bias[n]), rounded to y's dtype.
@@ -166,7 +207,7 @@ Weights weights_of(const at::Tensor& packed, const at::Tensor& group_scale, int6
   const bool fp8 = group_scale.scalar_type() == at::kFloat8_e4m3fn;
   TORCH_CHECK(fp8 || group_scale.scalar_type() == at::kBFloat16, "group scales must be bf16 or float8_e4m3fn");
   return Weights{packed.data_ptr<int32_t>(), group_scale.data_ptr(), fp8, packed.size(0), k, packed.size(1),
-                 group, groups, static_cast<float>(fp8_max)};
+                 group, groups, chain_table(static_cast<float>(fp8_max))};
 }
 
 // x [M, K] -> (x8 [M, ld] FP8 values in dtype (fp32 or bf16), zero beyond K; s_x fp32 [M])

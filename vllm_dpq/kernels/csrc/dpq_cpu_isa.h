@@ -1,9 +1,10 @@
 // One ISA's W4A8 kernels, included by dpq_cpu.cpp once per ISA inside that ISA's
 // `#pragma GCC target` and namespace, with DPQ_AVX512 set to 1 (16 lanes) or 0 (AVX2, 8 lanes).
 //
-// Every function computes the numerics of vllm_dpq/numerics.py: fp8_round is
-// clamp(x, -fp8_max, fp8_max).to(float8_e4m3fn) (round to nearest even, e4m3 subnormals),
-// the weight chain value is fp8_round((code - 8) * s_g), the activation fp8_round(x / s_x).
+// Every function computes the numerics of vllm_dpq/numerics.py: the weight chain values
+// fp8(clamp((code - 8) * s_g)) come from chain_table (dpq_cpu.cpp); the activation is
+// fp8_round(x / s_x), fp8_round being clamp(x, -fp8_max, fp8_max).to(float8_e4m3fn) (round to
+// nearest even, e4m3 subnormals).
 
 #if DPQ_AVX512
 constexpr int W = 16;
@@ -27,7 +28,8 @@ static inline vi vadd(vi a, vi b) { return _mm512_add_epi32(a, b); }
 static inline vi vsrli(vi a, int n) { return _mm512_srli_epi32(a, n); }
 static inline vf vcast(vi a) { return _mm512_castsi512_ps(a); }
 static inline vi vcasti(vf a) { return _mm512_castps_si512(a); }
-static inline vf vcvt(vi a) { return _mm512_cvtepi32_ps(a); }
+static inline vi vloadi(const uint32_t* p) { return _mm512_loadu_si512(p); }
+static inline void vstorei(uint32_t* p, vi v) { _mm512_storeu_si512(p, v); }
 static inline vf vlt_blend(vf x, vf lim, vf a, vf b) {  // x < lim ? a : b
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lim, _CMP_LT_OQ), b, a);
 }
@@ -52,10 +54,11 @@ static inline vi codes(const int32_t* row, int nw) {
   return _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(sel, v), sh), _mm512_set1_epi32(15));
 }
 constexpr int WORDS = 2;  // packed words per chunk
-struct Lut { vf v; };
-static inline vf code_iota() {  // code - 8 for codes 0..15
-  return _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
+struct Lut { vf v; };  // the chain values of codes 0..15, fp32
+static inline Lut load_lut(const uint16_t* t) {
+  return Lut{_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)t)), 16))};
 }
+static inline vf lookup(const Lut& t, vi idx) { return _mm512_permutexvar_ps(idx, t.v); }
 #else
 constexpr int W = 8;
 using vf = __m256;
@@ -88,7 +91,8 @@ static inline vi vadd(vi a, vi b) { return _mm256_add_epi32(a, b); }
 static inline vi vsrli(vi a, int n) { return _mm256_srli_epi32(a, n); }
 static inline vf vcast(vi a) { return _mm256_castsi256_ps(a); }
 static inline vi vcasti(vf a) { return _mm256_castps_si256(a); }
-static inline vf vcvt(vi a) { return _mm256_cvtepi32_ps(a); }
+static inline vi vloadi(const uint32_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline void vstorei(uint32_t* p, vi v) { _mm256_storeu_si256((__m256i*)p, v); }
 static inline vf vlt_blend(vf x, vf lim, vf a, vf b) { return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, lim, _CMP_LT_OQ)); }
 static inline __m256i tail_mask(int n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -117,7 +121,15 @@ static inline vi codes(const int32_t* row, int nw) {
   return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(row[0]), sh), _mm256_set1_epi32(15));
 }
 constexpr int WORDS = 1;
-struct Lut { vf lo, hi; };
+struct Lut { vf lo, hi; };  // the chain values of codes 0..7 and 8..15, fp32
+static inline vf bf16x8(const uint16_t* t) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)t)), 16));
+}
+static inline Lut load_lut(const uint16_t* t) { return Lut{bf16x8(t), bf16x8(t + 8)}; }
+static inline vf lookup(const Lut& t, vi idx) {
+  vf a = _mm256_permutevar8x32_ps(t.lo, idx), b = _mm256_permutevar8x32_ps(t.hi, idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
 #endif
 
 // clamp(x, -lim, lim) rounded to the nearest e4m3 value, ties to even; fp32 lanes.
@@ -137,51 +149,23 @@ static inline vf fp8_round(vf x, vf lim) {
 }
 
 #if DPQ_AVX512
-static inline Lut make_lut(float s, vf lim) { return Lut{fp8_round(_mm512_mul_ps(code_iota(), vset1(s)), lim)}; }
-static inline vf lookup(const Lut& t, vi idx) { return _mm512_permutexvar_ps(idx, t.v); }
-#else
-// fp8 rounding is odd-symmetric: one rounding of |c| * s for |c| = 1..8 serves both halves
-static inline Lut make_lut(float s, vf lim) {
-  const vf r = fp8_round(_mm256_mul_ps(_mm256_setr_ps(1, 2, 3, 4, 5, 6, 7, 8), vset1(s)), lim);
-  const vf lo = _mm256_xor_ps(_mm256_permutevar8x32_ps(r, _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)), vset1(-0.0f));
-  const vf hi = _mm256_blend_ps(_mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6)), vzero(), 1);
-  return Lut{lo, hi};  // codes 0..7: -fp8(8s) .. -fp8(s); 8..15: 0, fp8(s) .. fp8(7s)
-}
-static inline vf lookup(const Lut& t, vi idx) {
-  vf a = _mm256_permutevar8x32_ps(t.lo, idx), b = _mm256_permutevar8x32_ps(t.hi, idx);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-#endif
-
-#if DPQ_AVX512
 // 32-column chunks with the FP8 values as bf16 words (exact), by one 16-bit permute per chunk;
 // for groups that are multiples of 32 columns, or one group.
 static inline bool chunks32_ok(const Weights& w) { return w.group % 32 == 0 || w.groups == 1; }
 
-static inline __m512i codes32(const int32_t* row, int nw) {  // words 4c..4c+3 -> 32 16-bit codes
+// the 32 codes of words 4c..4c+3 of a packed row as 16-bit words: word j's low 4 bits are code j
+// (its bits 4.. hold later codes, which a permute through lut32's two equal halves ignores)
+static inline __m512i codes32(const int32_t* row, int nw) {
   const __m128i b = nw >= 4 ? _mm_loadu_si128((const __m128i*)row) : _mm_maskz_loadu_epi32((__mmask8)((1u << nw) - 1), row);
-  const __m512i d = _mm512_cvtepu8_epi32(b);
-  return _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(15)),
-                         _mm512_slli_epi32(_mm512_and_si512(d, _mm512_set1_epi32(0xf0)), 12));
+  const __m512i word = _mm512_set_epi16(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4, 3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1,
+                                        0, 0, 0, 0);
+  const __m512i shift = _mm512_set_epi16(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12,
+                                         8, 4, 0, 12, 8, 4, 0);
+  return _mm512_srlv_epi16(_mm512_permutexvar_epi16(word, _mm512_castsi128_si512(b)), shift);
 }
 
-// The chain tables of groups g and g + 1 in one vector of 32 16-bit lanes (bf16 words; lanes
-// 0..15: group g's codes 0..15, lanes 16..31: group g + 1's). fp8 rounding is odd-symmetric,
-// so one rounding of |c| * s for |c| = 1..8 serves both signs: one fp8_round per two groups.
-static inline __m512i lut16x2(float s0, float s1, vf lim) {
-  const vf mag = _mm512_set_ps(8, 7, 6, 5, 4, 3, 2, 1, 8, 7, 6, 5, 4, 3, 2, 1);
-  const vf sc = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
-  const vf r = fp8_round(_mm512_mul_ps(mag, sc), lim);  // lanes 0..7: |c| * s0, 8..15: |c| * s1
-  const __m512i m = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(r), 16)));
-  // lane 16h + e (code e of group h) <- lane 8h + (e < 8 ? 7 - e : e - 9), sign for e < 8, 0 for e == 8
-  const __m512i src = _mm512_set_epi16(14, 13, 12, 11, 10, 9, 8, 0, 8, 9, 10, 11, 12, 13, 14, 15,
-                                       6, 5, 4, 3, 2, 1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7);
-  const __m512i sign = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, -32768, -32768, -32768, -32768, -32768, -32768,
-                                        -32768, -32768, 0, 0, 0, 0, 0, 0, 0, 0, -32768, -32768, -32768, -32768,
-                                        -32768, -32768, -32768, -32768);
-  const __mmask32 nonzero = ~((__mmask32)1 << 8 | (__mmask32)1 << 24);
-  return _mm512_or_si512(_mm512_maskz_permutexvar_epi16(nonzero, src, m), sign);
-}
+// the 16 chain values (bf16 words) in both 256-bit halves
+static inline __m512i lut32(const uint16_t* t) { return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)t)); }
 
 static inline __mmask32 mask32(int64_t cols) { return cols >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << cols) - 1); }
 #endif
@@ -189,9 +173,8 @@ static inline __mmask32 mask32(int64_t cols) { return cols >= 32 ? ~(__mmask32)0
 // The FP8 weight values of W rows [n0, n0 + W) (rows past N repeat the last row), chunk by
 // chunk in order: chunk c of row i in r[i], lanes over K. PAIRS (AVX-512, chunks32_ok): 32
 // columns per chunk as bf16 words (W 32-bit slots of pairs); else W columns as fp32. Past K:
-// finite values of no meaning. The tables of the 16 chain values of every row are made when the
-// chunks enter a new group (two groups per table with PAIRS); groups that are not a multiple of
-// the chunk (rare): per-lane scales.
+// finite values of no meaning. Each row's table of the 16 chain values is loaded when the chunks
+// enter a new group; groups that are not a multiple of the chunk (rare): a table per lane.
 template <bool PAIRS>
 struct RowBlock {
   static constexpr int COLS = PAIRS ? 32 : W;  // columns per chunk
@@ -216,13 +199,13 @@ struct RowBlock {
   }
 
   void chunk(int64_t c, vi r[W]) {
-    const vf lim = vset1(w.fp8_max);
     const int words = COLS / 8, nw = (int)std::min<int64_t>(words, w.kw - c * words);
-    if (per_group == 0) {  // per-lane scales
-      alignas(64) float s[W];
+    if (per_group == 0) {  // a table per lane (not PAIRS: chunks32_ok)
+      alignas(64) uint32_t code[W], v[W];
       for (int i = 0; i < W; ++i) {
-        for (int l = 0; l < W; ++l) s[l] = sr[i].at(std::min(c * W + l, w.k - 1) / w.group);
-        r[i] = vcasti(fp8_round(vcvt(vadd(codes(row[i] + c * WORDS, nw), vset1i(-8))) * vload(s), lim));
+        vstorei(code, codes(row[i] + c * WORDS, nw));
+        for (int l = 0; l < W; ++l) v[l] = (uint32_t)w.table(sr[i], std::min(c * W + l, w.k - 1) / w.group)[code[l]] << 16;
+        r[i] = vloadi(v);
       }
       return;
     }
@@ -231,18 +214,16 @@ struct RowBlock {
       ++g;
 #if DPQ_AVX512
       if constexpr (PAIRS) {
-        if (g % 2 == 0)
-          for (int i = 0; i < W; ++i) lut[i] = lut16x2(sr[i].at(g), sr[i].at(std::min(g + 1, w.groups - 1)), lim);
+        for (int i = 0; i < W; ++i) lut[i] = lut32(w.table(sr[i], g));
       } else
 #endif
       {
-        for (int i = 0; i < W; ++i) lut[i] = make_lut(sr[i].at(g), lim);
+        for (int i = 0; i < W; ++i) lut[i] = load_lut(w.table(sr[i], g));
       }
     }
 #if DPQ_AVX512
     if constexpr (PAIRS) {
-      const __m512i sel = _mm512_set1_epi16(g % 2 ? 16 : 0);
-      for (int i = 0; i < W; ++i) r[i] = _mm512_permutexvar_epi16(_mm512_or_si512(codes32(row[i] + 4 * c, nw), sel), lut[i]);
+      for (int i = 0; i < W; ++i) r[i] = _mm512_permutexvar_epi16(codes32(row[i] + 4 * c, nw), lut[i]);
     } else
 #endif
     {
@@ -343,14 +324,10 @@ constexpr int NR = 2 * W;
 constexpr int MR = 12;  // 24 accumulators + 2 weight vectors + 1 broadcast of 32 registers
 static inline vi vunpack32(vi a, vi b, bool hi) { return hi ? _mm512_unpackhi_epi32(a, b) : _mm512_unpacklo_epi32(a, b); }
 static inline vi vunpack64(vi a, vi b, bool hi) { return hi ? _mm512_unpackhi_epi64(a, b) : _mm512_unpacklo_epi64(a, b); }
-static inline vi vloadi(const uint32_t* p) { return _mm512_loadu_si512(p); }
-static inline void vstorei(uint32_t* p, vi v) { _mm512_storeu_si512(p, v); }
 #else
 constexpr int MR = 6;  // 12 accumulators + 2 weight vectors + 1 broadcast of 16 registers
 static inline vi vunpack32(vi a, vi b, bool hi) { return hi ? _mm256_unpackhi_epi32(a, b) : _mm256_unpacklo_epi32(a, b); }
 static inline vi vunpack64(vi a, vi b, bool hi) { return hi ? _mm256_unpackhi_epi64(a, b) : _mm256_unpacklo_epi64(a, b); }
-static inline vi vloadi(const uint32_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
-static inline void vstorei(uint32_t* p, vi v) { _mm256_storeu_si256((__m256i*)p, v); }
 #endif
 
 // r[i][j] <- r[j][i], W x W 32-bit values: 4 x 4 blocks within each 128-bit lane, then the lanes
