@@ -153,19 +153,16 @@ static inline vf fp8_round(vf x, vf lim) {
 // for groups that are multiples of 32 columns, or one group.
 static inline bool chunks32_ok(const Weights& w) { return w.group % 32 == 0 || w.groups == 1; }
 
-// the 32 codes of words 4c..4c+3 of a packed row as 16-bit words: word j's low 4 bits are code j
-// (its bits 4.. hold later codes, which a permute through lut32's two equal halves ignores)
+// the 32 codes of words 4c..4c+3 of a packed row as 16-bit words
 static inline __m512i codes32(const int32_t* row, int nw) {
   const __m128i b = nw >= 4 ? _mm_loadu_si128((const __m128i*)row) : _mm_maskz_loadu_epi32((__mmask8)((1u << nw) - 1), row);
   const __m512i word = _mm512_set_epi16(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4, 3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1,
                                         0, 0, 0, 0);
   const __m512i shift = _mm512_set_epi16(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12,
                                          8, 4, 0, 12, 8, 4, 0);
-  return _mm512_srlv_epi16(_mm512_permutexvar_epi16(word, _mm512_castsi128_si512(b)), shift);
+  return _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi16(word, _mm512_castsi128_si512(b)), shift),
+                          _mm512_set1_epi16(15));
 }
-
-// the 16 chain values (bf16 words) in both 256-bit halves
-static inline __m512i lut32(const uint16_t* t) { return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)t)); }
 
 static inline __mmask32 mask32(int64_t cols) { return cols >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << cols) - 1); }
 #endif
@@ -183,7 +180,7 @@ struct RowBlock {
   ScaleRow sr[W];
   int64_t per_group, end = 0, g = -1;  // chunks per group (0: not a multiple of COLS); current group
 #if DPQ_AVX512
-  using Table = std::conditional_t<PAIRS, __m512i, Lut>;
+  using Table = std::conditional_t<PAIRS, const uint16_t*, Lut>;  // PAIRS: read by the permute itself
 #else
   using Table = Lut;
 #endif
@@ -214,7 +211,7 @@ struct RowBlock {
       ++g;
 #if DPQ_AVX512
       if constexpr (PAIRS) {
-        for (int i = 0; i < W; ++i) lut[i] = lut32(w.table(sr[i], g));
+        for (int i = 0; i < W; ++i) lut[i] = w.table(sr[i], g);
       } else
 #endif
       {
@@ -223,7 +220,7 @@ struct RowBlock {
     }
 #if DPQ_AVX512
     if constexpr (PAIRS) {
-      for (int i = 0; i < W; ++i) r[i] = _mm512_permutexvar_epi16(codes32(row[i] + 4 * c, nw), lut[i]);
+      for (int i = 0; i < W; ++i) r[i] = _mm512_permutexvar_epi16(codes32(row[i] + 4 * c, nw), _mm512_loadu_si512(lut[i]));
     } else
 #endif
     {
@@ -378,32 +375,51 @@ static void make_tile(const Weights& w, int64_t n0, int64_t slots, uint32_t* til
 template <typename T>
 static inline void store_out(const Epilogue& e, int64_t m, int64_t j, vf acc, T* y);
 
-// MR_ activation rows from m0 against the tile of columns [n0, n0 + NR); BF16: pair slots.
+// acc[i][h] += the product of activation slot xr[i * ldx + p] and the tile's slot p (rows h * W..)
+template <int MR_, bool BF16>
+static inline void slot_step(const uint32_t* tile, const slot_t* xr, int64_t ldx, int64_t p, vf acc[MR_][2]) {
+  const vi w0 = vloadi(tile + p * NR), w1 = vloadi(tile + p * NR + W);
+  for (int i = 0; i < MR_; ++i) {
+#if DPQ_BF16
+    if constexpr (BF16) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xr[i * ldx + p]);
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xb, (__m512bh)w0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xb, (__m512bh)w1);
+      continue;
+    }
+#endif
+    const vf xb = vset1(reinterpret_cast<const float*>(xr)[i * ldx + p]);
+    acc[i][0] = vfma(xb, vcast(w0), acc[i][0]);
+    acc[i][1] = vfma(xb, vcast(w1), acc[i][1]);
+  }
+}
+
+// MR_ activation rows from m0 against the tile of columns [n0, n0 + NR); BF16: pair slots. Each
+// output is the sum of CHAINS partial sums, chain c over slots c, c + CHAINS, ... in order, added
+// in chain order: independent chains keep the multiply units busy when MR_ is small. CP chains run
+// at a time (all where the accumulators fit in registers); the sums are the same whatever CP.
+constexpr int CHAINS = 4;
 template <int MR_, bool BF16, typename T>
 static inline void tile_rows(const uint32_t* tile, int64_t slots, const slot_t* x, int64_t ldx, int64_t m0,
                              int64_t n0, const Epilogue& e, T* y) {
-  vf acc[MR_][2];
-  for (int i = 0; i < MR_; ++i) acc[i][0] = acc[i][1] = vzero();
+  constexpr int CP = MR_ * 4 <= MR ? 4 : MR_ * 2 <= MR ? 2 : 1;
   const slot_t* xr = x + m0 * ldx;
-  for (int64_t p = 0; p < slots; ++p) {
-    const vi w0 = vloadi(tile + p * NR), w1 = vloadi(tile + p * NR + W);
-    for (int i = 0; i < MR_; ++i) {
-#if DPQ_BF16
-      if constexpr (BF16) {
-        const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xr[i * ldx + p]);
-        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xb, (__m512bh)w0);
-        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xb, (__m512bh)w1);
-        continue;
-      }
-#endif
-      const vf xb = vset1(reinterpret_cast<const float*>(xr)[i * ldx + p]);
-      acc[i][0] = vfma(xb, vcast(w0), acc[i][0]);
-      acc[i][1] = vfma(xb, vcast(w1), acc[i][1]);
-    }
+  vf sum[MR_][2];
+  for (int c0 = 0; c0 < CHAINS; c0 += CP) {
+    vf acc[CP][MR_][2];
+    for (int c = 0; c < CP; ++c)
+      for (int i = 0; i < MR_; ++i) acc[c][i][0] = acc[c][i][1] = vzero();
+    int64_t p = c0;
+    for (; p + CHAINS <= slots + c0; p += CHAINS)
+      for (int c = 0; c < CP; ++c) slot_step<MR_, BF16>(tile, xr, ldx, p + c, acc[c]);
+    for (int c = 0; c < CP && p + c < slots; ++c) slot_step<MR_, BF16>(tile, xr, ldx, p + c, acc[c]);
+    for (int c = 0; c < CP; ++c)
+      for (int i = 0; i < MR_; ++i)
+        for (int h = 0; h < 2; ++h) sum[i][h] = c0 + c == 0 ? acc[c][i][h] : sum[i][h] + acc[c][i][h];
   }
   for (int i = 0; i < MR_; ++i) {
-    store_out(e, m0 + i, n0, acc[i][0], y);
-    store_out(e, m0 + i, n0 + W, acc[i][1], y);
+    store_out(e, m0 + i, n0, sum[i][0], y);
+    store_out(e, m0 + i, n0 + W, sum[i][1], y);
   }
 }
 
