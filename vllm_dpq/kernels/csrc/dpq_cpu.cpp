@@ -211,9 +211,11 @@ Weights weights_of(const at::Tensor& packed, const at::Tensor& group_scale, int6
                  group, groups, chain_table(static_cast<float>(fp8_max))};
 }
 
-// x [M, K] -> (x8 [M, ld] FP8 values in dtype (fp32 or bf16), zero beyond K; s_x fp32 [M])
+// x [M, K] -> (x8 [M, ld] FP8 values in dtype (fp32 or bf16), zero beyond K, in the bf16 GEMM's
+// pair order if asked; s_x fp32 [M])
 std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10::optional<at::Tensor>& input_scale,
-                                                 double fp8_max, int64_t ld, at::ScalarType dtype) {
+                                                 double fp8_max, int64_t ld, at::ScalarType dtype,
+                                                 bool pair_order = false) {
   TORCH_CHECK(x.dim() == 2, "activations must be 2-D");
   const at::Tensor xc = x.contiguous();
   const int64_t m = xc.size(0), k = xc.size(1);
@@ -234,9 +236,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10:
   at::parallel_for(0, m, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
     auto run = [&](auto* o) {
       switch (xc.scalar_type()) {
-        case at::kFloat: DPQ_ISA(quantize_rows(xc.data_ptr<float>(), k, fm, sp, o, ld, s, m0, m1)); break;
-        case at::kBFloat16: DPQ_ISA(quantize_rows(xc.data_ptr<c10::BFloat16>(), k, fm, sp, o, ld, s, m0, m1)); break;
-        default: DPQ_ISA(quantize_rows(xc.data_ptr<c10::Half>(), k, fm, sp, o, ld, s, m0, m1));
+        case at::kFloat: DPQ_ISA(quantize_rows(xc.data_ptr<float>(), k, fm, sp, o, ld, s, m0, m1, pair_order)); break;
+        case at::kBFloat16: DPQ_ISA(quantize_rows(xc.data_ptr<c10::BFloat16>(), k, fm, sp, o, ld, s, m0, m1, pair_order)); break;
+        default: DPQ_ISA(quantize_rows(xc.data_ptr<c10::Half>(), k, fm, sp, o, ld, s, m0, m1, pair_order));
       }
     };
     if (dtype == at::kFloat) {
@@ -316,8 +318,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   }
   // bf16 pair slots where groups are whole 32-column chunks, else fp32 (the same exact products)
   const bool pairs = gemm_bf16 && avx512bf16::chunks32_ok(w);
-  const int64_t ldx = pairs ? (k + 1) / 2 : k;  // slots per activation row
-  auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, pairs ? 2 * ldx : ldx, pairs ? at::kBFloat16 : at::kFloat);
+  const int64_t ldx = pairs ? (k + 31) / 32 * 16 : k;  // slots per activation row
+  auto [x8, sx] =
+      quantize_impl(x, input_scale, fp8_max, pairs ? 2 * ldx : ldx, pairs ? at::kBFloat16 : at::kFloat, pairs);
   e.sx = sx.data_ptr<float>();
   const slot_t* xp = static_cast<const slot_t*>(x8.data_ptr());
   constexpr int64_t MC = 1024;  // activation rows per task: its tile is made once per MC rows

@@ -148,43 +148,16 @@ static inline vf fp8_round(vf x, vf lim) {
   return vcast(vor(vcasti(r), sign));
 }
 
-#if DPQ_AVX512
-// 32-column chunks with the FP8 values as bf16 words (exact), by one 16-bit permute per chunk;
-// for groups that are multiples of 32 columns, or one group.
-static inline bool chunks32_ok(const Weights& w) { return w.group % 32 == 0 || w.groups == 1; }
-
-// the 32 codes of words 4c..4c+3 of a packed row as 16-bit words
-static inline __m512i codes32(const int32_t* row, int nw) {
-  const __m128i b = nw >= 4 ? _mm_loadu_si128((const __m128i*)row) : _mm_maskz_loadu_epi32((__mmask8)((1u << nw) - 1), row);
-  const __m512i word = _mm512_set_epi16(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4, 3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1,
-                                        0, 0, 0, 0);
-  const __m512i shift = _mm512_set_epi16(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12,
-                                         8, 4, 0, 12, 8, 4, 0);
-  return _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi16(word, _mm512_castsi128_si512(b)), shift),
-                          _mm512_set1_epi16(15));
-}
-
-static inline __mmask32 mask32(int64_t cols) { return cols >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << cols) - 1); }
-#endif
-
-// The FP8 weight values of W rows [n0, n0 + W) (rows past N repeat the last row), chunk by
-// chunk in order: chunk c of row i in r[i], lanes over K. PAIRS (AVX-512, chunks32_ok): 32
-// columns per chunk as bf16 words (W 32-bit slots of pairs); else W columns as fp32. Past K:
-// finite values of no meaning. Each row's table of the 16 chain values is loaded when the chunks
-// enter a new group; groups that are not a multiple of the chunk (rare): a table per lane.
-template <bool PAIRS>
+// The FP8 weight values of W rows [n0, n0 + W) (rows past N repeat the last row), W columns at a
+// time in order: chunk c of row i in r[i], lanes over K, fp32. Past K: finite values of no
+// meaning. Each row's table of the 16 chain values is loaded when the chunks enter a new group;
+// groups that are not a multiple of W (rare): a table per lane.
 struct RowBlock {
-  static constexpr int COLS = PAIRS ? 32 : W;  // columns per chunk
   const Weights& w;
   const int32_t* row[W];
   ScaleRow sr[W];
-  int64_t per_group, end = 0, g = -1;  // chunks per group (0: not a multiple of COLS); current group
-#if DPQ_AVX512
-  using Table = std::conditional_t<PAIRS, const uint16_t*, Lut>;  // PAIRS: read by the permute itself
-#else
-  using Table = Lut;
-#endif
-  Table lut[W];
+  int64_t per_group, end = 0, g = -1;  // chunks per group (0: not a multiple of W); current group
+  Lut lut[W];
 
   RowBlock(const Weights& w_, int64_t n0) : w(w_) {
     for (int i = 0; i < W; ++i) {
@@ -192,12 +165,12 @@ struct RowBlock {
       row[i] = w.packed + n * w.kw;
       sr[i] = w.scale_row(n);
     }
-    per_group = w.groups == 1 ? (w.k + COLS - 1) / COLS : w.group % COLS == 0 ? w.group / COLS : 0;
+    per_group = w.groups == 1 ? (w.k + W - 1) / W : w.group % W == 0 ? w.group / W : 0;
   }
 
   void chunk(int64_t c, vi r[W]) {
-    const int words = COLS / 8, nw = (int)std::min<int64_t>(words, w.kw - c * words);
-    if (per_group == 0) {  // a table per lane (not PAIRS: chunks32_ok)
+    const int nw = (int)std::min<int64_t>(WORDS, w.kw - c * WORDS);
+    if (per_group == 0) {
       alignas(64) uint32_t code[W], v[W];
       for (int i = 0; i < W; ++i) {
         vstorei(code, codes(row[i] + c * WORDS, nw));
@@ -209,23 +182,9 @@ struct RowBlock {
     if (c >= end) {
       end += per_group;
       ++g;
-#if DPQ_AVX512
-      if constexpr (PAIRS) {
-        for (int i = 0; i < W; ++i) lut[i] = w.table(sr[i], g);
-      } else
-#endif
-      {
-        for (int i = 0; i < W; ++i) lut[i] = load_lut(w.table(sr[i], g));
-      }
+      for (int i = 0; i < W; ++i) lut[i] = load_lut(w.table(sr[i], g));
     }
-#if DPQ_AVX512
-    if constexpr (PAIRS) {
-      for (int i = 0; i < W; ++i) r[i] = _mm512_permutexvar_epi16(codes32(row[i] + 4 * c, nw), _mm512_loadu_si512(lut[i]));
-    } else
-#endif
-    {
-      for (int i = 0; i < W; ++i) r[i] = vcasti(lookup(lut[i], codes(row[i] + c * WORDS, nw)));
-    }
+    for (int i = 0; i < W; ++i) r[i] = vcasti(lookup(lut[i], codes(row[i] + c * WORDS, nw)));
   }
 };
 
@@ -233,35 +192,22 @@ struct RowBlock {
 // exact in both).
 template <typename T>
 static void dequant_rows(const Weights& w, T* out, int64_t ld, int64_t n0, int64_t n1) {
-  auto run = [&](auto block) {
-    constexpr int COLS = decltype(block)::COLS;
-    for (int64_t b = n0; b < n1; b += W) {
-      decltype(block) rb(w, b);
-      vi r[W];
-      for (int64_t c = 0; c * COLS < w.k; ++c) {
-        rb.chunk(c, r);
-        const int cols = (int)std::min<int64_t>(COLS, w.k - c * COLS);
-        for (int i = 0; i < W && b + i < n1; ++i) {
-          T* o = out + (b + i - n0) * ld + c * COLS;
-#if DPQ_AVX512
-          if constexpr (COLS == 32) {
-            _mm512_mask_storeu_epi16(o, mask32(cols), r[i]);
-            continue;
-          }
-#endif
-          if constexpr (std::is_same_v<T, float>) {
-            vstoren(o, vcast(r[i]), cols);
-          } else {
-            vstoren_bf16(o, vcast(r[i]), cols);
-          }
+  for (int64_t b = n0; b < n1; b += W) {
+    RowBlock rb(w, b);
+    vi r[W];
+    for (int64_t c = 0; c * W < w.k; ++c) {
+      rb.chunk(c, r);
+      const int cols = (int)std::min<int64_t>(W, w.k - c * W);
+      for (int i = 0; i < W && b + i < n1; ++i) {
+        T* o = out + (b + i - n0) * ld + c * W;
+        if constexpr (std::is_same_v<T, float>) {
+          vstoren(o, vcast(r[i]), cols);
+        } else {
+          vstoren_bf16(o, vcast(r[i]), cols);
         }
       }
     }
-  };
-#if DPQ_AVX512
-  if (std::is_same_v<T, c10::BFloat16> && chunks32_ok(w)) return run(RowBlock<true>(w, n0));
-#endif
-  run(RowBlock<false>(w, n0));
+  }
 }
 
 template <typename T>
@@ -278,9 +224,11 @@ static inline vf load_x(const T* p, int n) {
 // Quantize activation rows [m0, m1) of x [M, K] to FP8 values (x8 [M, ldo] as O = float or
 // bf16, columns K..ldo zero) and their scales s_x [M] (dynamic: amax / fp8_max, at least
 // FLT_MIN; static: the given scale). x is read once: into a fp32 row buffer, with its amax.
+// pair_order (bf16, AVX-512, ldo a multiple of 32): each 32 columns stored in the bf16 GEMM's
+// order, even columns then odd ones.
 template <typename T, typename O>
 static void quantize_rows(const T* x, int64_t k, float fp8_max, const float* static_scale, O* x8, int64_t ldo,
-                          float* sx, int64_t m0, int64_t m1) {
+                          float* sx, int64_t m0, int64_t m1, bool pair_order) {
   const vf lim = vset1(fp8_max);
   std::vector<float> row(k + W);
   for (int64_t m = m0; m < m1; ++m) {
@@ -306,17 +254,45 @@ static void quantize_rows(const T* x, int64_t k, float fp8_max, const float* sta
       }
     }
     for (int64_t j = k; j < ldo; ++j) o[j] = O(0.0f);
+#if DPQ_AVX512
+    if constexpr (std::is_same_v<O, c10::BFloat16>) {
+      const __m512i order = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24, 22,
+                                             20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+      for (int64_t j = 0; pair_order && j < ldo; j += 32)
+        _mm512_storeu_si512(o + j, _mm512_permutexvar_epi16(order, _mm512_loadu_si512(o + j)));
+    }
+#endif
   }
 }
 
-// ---- The GEMM (every M): the FP8 values of a block of NR = 2W weight rows are made W rows at
-// a time (RowBlock, lanes over K), transposed in registers into a tile [slots][NR] of 32-bit
-// slots, then multiplied by MR activation rows at a time into 2 * MR vector accumulators (lanes
-// over N), the epilogue applied in registers. A slot is one fp32 value (fp32 FMA) or, with
-// AVX512-BF16, a pair of bf16 values of columns 2p, 2p + 1 (vdpbf16ps: both exact products
-// added in fp32). Every output is summed over its slots in order, one after another, whatever
-// M, the block or the thread: the result of a row does not depend on the rows it is computed with.
-constexpr int NR = 2 * W;
+// ---- The GEMMs (every M). Each multiplies MR activation rows at a time by a cache-resident tile
+// of the FP8 values of NR = 2W weight rows (lanes over N) into vector accumulators and applies
+// the epilogue in registers. Every output is the sum of four partial sums ("chains"), each over
+// its share of K in order, added in chain order: the result of a row does not depend on M, the
+// block or the thread (batch-invariant), and at small M the chains keep the multiply units busy
+// (CP chains run at a time, all of them where the accumulators fit in registers).
+constexpr int NR = 2 * W, CHAINS = 4;
+
+// with(rows, f): f(std::integral_constant<int, rows>) for rows in 1..R
+template <int R, typename F>
+static inline void with_rows(int rows, F&& f) {
+  if (rows == R) {
+    f(std::integral_constant<int, R>{});
+  } else if constexpr (R > 1) {
+    with_rows<R - 1>(rows, f);
+  }
+}
+
+// chains run at a time by MR_ rows that get `regs` accumulators each, of `budget`
+static constexpr int chains_at_once(int rows, int regs, int budget) {
+  return rows * regs * 4 <= budget ? 4 : rows * regs * 2 <= budget ? 2 : 1;
+}
+
+template <typename T>
+static inline void store_out(const Epilogue& e, int64_t m, int64_t j, vf acc, T* y);
+
+// -- fp32 (every ISA): the values of W rows (RowBlock, lanes over K) transposed in registers into
+// a tile [slot][NR], one fp32 value per slot; one FMA per slot and row; chain c: slots c + 4i.
 #if DPQ_AVX512
 constexpr int MR = 12;  // 24 accumulators + 2 weight vectors + 1 broadcast of 32 registers
 static inline vi vunpack32(vi a, vi b, bool hi) { return hi ? _mm512_unpackhi_epi32(a, b) : _mm512_unpacklo_epi32(a, b); }
@@ -357,12 +333,10 @@ static inline void transpose(vi r[W]) {
   for (int i = 0; i < W; ++i) r[i] = t[i];
 }
 
-// The tile of weight rows [n0, n0 + NR): tile[slot][NR] (slots rounded up to W), one chunk of W
-// rows (W slots each) transposed in registers; PAIRS: bf16 pair slots, else fp32 slots.
-template <bool PAIRS>
+// the tile of weight rows [n0, n0 + NR): tile[slot][NR] (slots rounded up to W)
 static void make_tile(const Weights& w, int64_t n0, int64_t slots, uint32_t* tile) {
   for (int h = 0; h < NR; h += W) {
-    RowBlock<PAIRS> rb(w, n0 + h);
+    RowBlock rb(w, n0 + h);
     vi r[W];
     for (int64_t s = 0, c = 0; s < slots; s += W, ++c) {
       rb.chunk(c, r);
@@ -372,38 +346,23 @@ static void make_tile(const Weights& w, int64_t n0, int64_t slots, uint32_t* til
   }
 }
 
-template <typename T>
-static inline void store_out(const Epilogue& e, int64_t m, int64_t j, vf acc, T* y);
-
-// acc[i][h] += the product of activation slot xr[i * ldx + p] and the tile's slot p (rows h * W..)
-template <int MR_, bool BF16>
-static inline void slot_step(const uint32_t* tile, const slot_t* xr, int64_t ldx, int64_t p, vf acc[MR_][2]) {
-  const vi w0 = vloadi(tile + p * NR), w1 = vloadi(tile + p * NR + W);
+// acc[i][h] += x[i * ldx + p] * the tile's slot p (rows h * W..)
+template <int MR_>
+static inline void slot_step(const uint32_t* tile, const float* x, int64_t ldx, int64_t p, vf acc[MR_][2]) {
+  const vf w0 = vcast(vloadi(tile + p * NR)), w1 = vcast(vloadi(tile + p * NR + W));
   for (int i = 0; i < MR_; ++i) {
-#if DPQ_BF16
-    if constexpr (BF16) {
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xr[i * ldx + p]);
-      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xb, (__m512bh)w0);
-      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xb, (__m512bh)w1);
-      continue;
-    }
-#endif
-    const vf xb = vset1(reinterpret_cast<const float*>(xr)[i * ldx + p]);
-    acc[i][0] = vfma(xb, vcast(w0), acc[i][0]);
-    acc[i][1] = vfma(xb, vcast(w1), acc[i][1]);
+    const vf xb = vset1(x[i * ldx + p]);
+    acc[i][0] = vfma(xb, w0, acc[i][0]);
+    acc[i][1] = vfma(xb, w1, acc[i][1]);
   }
 }
 
-// MR_ activation rows from m0 against the tile of columns [n0, n0 + NR); BF16: pair slots. Each
-// output is the sum of CHAINS partial sums, chain c over slots c, c + CHAINS, ... in order, added
-// in chain order: independent chains keep the multiply units busy when MR_ is small. CP chains run
-// at a time (all where the accumulators fit in registers); the sums are the same whatever CP.
-constexpr int CHAINS = 4;
-template <int MR_, bool BF16, typename T>
-static inline void tile_rows(const uint32_t* tile, int64_t slots, const slot_t* x, int64_t ldx, int64_t m0,
+// y[m0:m0+MR_, n0:n0+NR] from the tile; x [M, ldx] (fp32, zero past K)
+template <int MR_, typename T>
+static inline void tile_rows(const uint32_t* tile, int64_t slots, const float* x, int64_t ldx, int64_t m0,
                              int64_t n0, const Epilogue& e, T* y) {
-  constexpr int CP = MR_ * 4 <= MR ? 4 : MR_ * 2 <= MR ? 2 : 1;
-  const slot_t* xr = x + m0 * ldx;
+  constexpr int CP = chains_at_once(MR_, 2, 2 * MR);
+  const float* xr = x + m0 * ldx;
   vf sum[MR_][2];
   for (int c0 = 0; c0 < CHAINS; c0 += CP) {
     vf acc[CP][MR_][2];
@@ -411,8 +370,8 @@ static inline void tile_rows(const uint32_t* tile, int64_t slots, const slot_t* 
       for (int i = 0; i < MR_; ++i) acc[c][i][0] = acc[c][i][1] = vzero();
     int64_t p = c0;
     for (; p + CHAINS <= slots + c0; p += CHAINS)
-      for (int c = 0; c < CP; ++c) slot_step<MR_, BF16>(tile, xr, ldx, p + c, acc[c]);
-    for (int c = 0; c < CP && p + c < slots; ++c) slot_step<MR_, BF16>(tile, xr, ldx, p + c, acc[c]);
+      for (int c = 0; c < CP; ++c) slot_step<MR_>(tile, xr, ldx, p + c, acc[c]);
+    for (int c = 0; c < CP && p + c < slots; ++c) slot_step<MR_>(tile, xr, ldx, p + c, acc[c]);
     for (int c = 0; c < CP; ++c)
       for (int i = 0; i < MR_; ++i)
         for (int h = 0; h < 2; ++h) sum[i][h] = c0 + c == 0 ? acc[c][i][h] : sum[i][h] + acc[c][i][h];
@@ -423,26 +382,142 @@ static inline void tile_rows(const uint32_t* tile, int64_t slots, const slot_t* 
   }
 }
 
-template <int MR_, bool BF16, typename T>
-static inline void tile_rows_tail(int rows, const uint32_t* tile, int64_t slots, const slot_t* x, int64_t ldx,
-                                  int64_t m0, int64_t n0, const Epilogue& e, T* y) {
-  if (rows == MR_) {
-    tile_rows<MR_, BF16>(tile, slots, x, ldx, m0, n0, e, y);
-  } else if constexpr (MR_ > 1) {
-    tile_rows_tail<MR_ - 1, BF16>(rows, tile, slots, x, ldx, m0, n0, e, y);
+#if DPQ_BF16
+// -- bf16 pairs (AVX512-BF16; groups that are whole 32-column chunks, or one group): vdpbf16ps
+// multiplies 32-bit slots of two bf16 values, both exact products added in fp32. The values are
+// made without a transpose: the 16-byte code chunks (32 columns) of four rows fill the four
+// 128-bit lanes, and per lane a byte shuffle through the row's table gives the low and the high
+// bytes of the bf16 values of the even and of the odd codes. Interleaving those bytes gives four
+// vectors, slot sets j = 0..3, each with four pair slots of each row: columns (0,2)..(12,14) of the
+// chunk, (16,18)..(28,30), (1,3)..(13,15), (17,19)..(29,31); the activations are stored in that
+// order (quantize_rows' pair_order), so a 128-bit broadcast of x multiplies a set. A row's output
+// sums its lane's four slots at the end; chain j: set j of every chunk. The lanes of quad q of a
+// 16-row half hold rows q, q + 4, q + 8, q + 12, so that these sums come out in row order.
+static inline bool chunks32_ok(const Weights& w) { return w.group % 32 == 0 || w.groups == 1; }
+constexpr int MRP = 6;  // 24 accumulators (4 quads) + 4 weight vectors + 1 broadcast
+
+// lane r of lo / hi: the low / high bytes of the 16 chain values of table t[r]
+static inline void pair_tables(const uint16_t* const t[4], __m512i& lo, __m512i& hi) {
+  const __m512i split = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+  auto two = [&](const uint16_t* a, const uint16_t* b) {  // qwords: low, high bytes of a[0:8], a[8:16], b[0:8], b[8:16]
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)a)),
+                                         _mm256_loadu_si256((const __m256i*)b), 1);
+    return _mm512_shuffle_epi8(v, split);
+  };
+  const __m512i a = two(t[0], t[1]), b = two(t[2], t[3]);
+  lo = _mm512_permutex2var_epi64(a, _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0), b);
+  hi = _mm512_permutex2var_epi64(a, _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1), b);
+}
+
+// The tile of weight rows [n0, n0 + NR), chunks of 32 columns: vector ((c * 4 + j) * 2 + h) * 4 + q
+// is slot set j of chunk c, quad q of half h.
+static void make_tile_pairs(const Weights& w, int64_t n0, int64_t chunks, uint32_t* tile) {
+  const int64_t per_group = w.groups == 1 ? chunks : w.group / 32;
+  const __m512i nibble = _mm512_set1_epi8(15);
+  for (int h = 0; h < 2; ++h) {
+    for (int q = 0; q < 4; ++q) {
+      const int32_t* row[4];
+      ScaleRow sr[4];
+      for (int r = 0; r < 4; ++r) {
+        const int64_t n = std::min(n0 + W * h + q + 4 * r, w.n - 1);
+        row[r] = w.packed + n * w.kw;
+        sr[r] = w.scale_row(n);
+      }
+      __m512i lo, hi;
+      for (int64_t c = 0; c < chunks; ++c) {
+        if (c % per_group == 0) {
+          const uint16_t* t[4];
+          for (int r = 0; r < 4; ++r) t[r] = w.table(sr[r], c / per_group);
+          pair_tables(t, lo, hi);
+        }
+        const int nw = (int)std::min<int64_t>(4, w.kw - 4 * c);
+        auto part = [&](int r) {
+          return nw == 4 ? _mm_loadu_si128((const __m128i*)(row[r] + 4 * c))
+                         : _mm_maskz_loadu_epi32((__mmask8)((1u << nw) - 1), row[r] + 4 * c);
+        };
+        __m512i v = _mm512_castsi128_si512(part(0));
+        v = _mm512_inserti32x4(v, part(1), 1);
+        v = _mm512_inserti32x4(v, part(2), 2);
+        v = _mm512_inserti32x4(v, part(3), 3);
+        const __m512i even = _mm512_and_si512(v, nibble), odd = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        const __m512i el = _mm512_shuffle_epi8(lo, even), eh = _mm512_shuffle_epi8(hi, even);
+        const __m512i ol = _mm512_shuffle_epi8(lo, odd), oh = _mm512_shuffle_epi8(hi, odd);
+        uint32_t* o = tile + ((c * 4 * 2 + h) * 4 + q) * W;  // set j at o + j * 8 * W
+        _mm512_storeu_si512(o, _mm512_unpacklo_epi8(el, eh));
+        _mm512_storeu_si512(o + 8 * W, _mm512_unpackhi_epi8(el, eh));
+        _mm512_storeu_si512(o + 16 * W, _mm512_unpacklo_epi8(ol, oh));
+        _mm512_storeu_si512(o + 24 * W, _mm512_unpackhi_epi8(ol, oh));
+      }
+    }
   }
 }
 
-// y[m0:m1, n0:n0+NR] = epilogue(x8[m0:m1] . tile^T); x8 [M, ldx slots], zero past K.
-template <bool BF16, typename T>
+// lane 4r + q of the result: the sum of lane r's four slots of a[q] (fixed order)
+static inline vf lane_sums(const vf a[4]) {
+  const vf s01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+  const vf s23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+  const __m512d d01 = _mm512_castps_pd(s01), d23 = _mm512_castps_pd(s23);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d01, d23)), _mm512_castpd_ps(_mm512_unpackhi_pd(d01, d23)));
+}
+
+// y[m0:m0+MR_, n0:n0+NR] from the pairs tile; x [M, ldx slots] in pair order, zero past K
+template <int MR_, typename T>
+static inline void tile_rows_pairs(const uint32_t* tile, int64_t chunks, const slot_t* x, int64_t ldx, int64_t m0,
+                                   int64_t n0, const Epilogue& e, T* y) {
+  constexpr int CP = chains_at_once(MR_, 4, 4 * MRP);
+  for (int h = 0; h < 2; ++h) {
+    vf sum[MR_][4];
+    for (int j0 = 0; j0 < CHAINS; j0 += CP) {
+      vf acc[CP][MR_][4];
+      for (int c = 0; c < CP; ++c)
+        for (int i = 0; i < MR_; ++i)
+          for (int q = 0; q < 4; ++q) acc[c][i][q] = vzero();
+      for (int64_t c = 0; c < chunks; ++c) {
+        for (int jj = 0; jj < CP; ++jj) {
+          const uint32_t* t = tile + (((c * 4 + j0 + jj) * 2 + h) * 4) * W;
+          __m512bh wq[4];
+          for (int q = 0; q < 4; ++q) wq[q] = (__m512bh)_mm512_loadu_si512(t + q * W);
+          for (int i = 0; i < MR_; ++i) {
+            const __m512bh xb =
+                (__m512bh)_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(x + (m0 + i) * ldx + c * 16 + (j0 + jj) * 4)));
+            for (int q = 0; q < 4; ++q) acc[jj][i][q] = _mm512_dpbf16_ps(acc[jj][i][q], xb, wq[q]);
+          }
+        }
+      }
+      for (int c = 0; c < CP; ++c)
+        for (int i = 0; i < MR_; ++i)
+          for (int q = 0; q < 4; ++q) sum[i][q] = j0 + c == 0 ? acc[c][i][q] : sum[i][q] + acc[c][i][q];
+    }
+    for (int i = 0; i < MR_; ++i) store_out(e, m0 + i, n0 + W * h, lane_sums(sum[i]), y);
+  }
+}
+#endif
+
+// y[m0:m1, n0:n0+NR] = epilogue(x8[m0:m1] . tile^T). PAIRS: x8 [M, ldx slots] in pair order (ldx
+// = 16 per 32 columns); else fp32 [M, ldx = K]; zero past K.
+template <bool PAIRS, typename T>
 static void gemm_block(const Weights& w, const slot_t* x8, int64_t ldx, int64_t m0, int64_t m1, int64_t n0,
                        const Epilogue& e, T* y, std::vector<uint32_t>& tile) {
-  const int64_t slots = BF16 ? (w.k + 1) / 2 : w.k;
-  tile.resize(NR * ((slots + W - 1) / W * W));
-  make_tile<BF16>(w, n0, slots, tile.data());
-  int64_t m = m0;
-  for (; m + MR <= m1; m += MR) tile_rows<MR, BF16>(tile.data(), slots, x8, ldx, m, n0, e, y);
-  if (m < m1) tile_rows_tail<MR - 1, BF16>((int)(m1 - m), tile.data(), slots, x8, ldx, m, n0, e, y);
+  auto rows = [&](auto&& block, auto r) {
+    int64_t m = m0;
+    constexpr int R = decltype(r)::value;
+    for (; m + R <= m1; m += R) block(r, m);
+    if (m < m1) with_rows<R - 1>((int)(m1 - m), [&](auto mr) { block(mr, m); });
+  };
+#if DPQ_BF16
+  if constexpr (PAIRS) {
+    const int64_t chunks = (w.k + 31) / 32;
+    tile.resize(chunks * 16 * NR);
+    make_tile_pairs(w, n0, chunks, tile.data());
+    return rows([&](auto mr, int64_t m) { tile_rows_pairs<decltype(mr)::value>(tile.data(), chunks, x8, ldx, m, n0, e, y); },
+                std::integral_constant<int, MRP>{});
+  }
+#endif
+  const float* x = reinterpret_cast<const float*>(x8);
+  tile.resize(NR * ((w.k + W - 1) / W * W));
+  make_tile(w, n0, w.k, tile.data());
+  rows([&](auto mr, int64_t m) { tile_rows<decltype(mr)::value>(tile.data(), w.k, x, ldx, m, n0, e, y); },
+       std::integral_constant<int, MR>{});
 }
 
 // y[m, n] = (acc[m, n] * s_x[m]) * s_w[n] (+ bias[n]) in fp32, rounded to T (nearest even):
