@@ -1,13 +1,12 @@
 // The CPU backend's W4A8 kernels (vllm_dpq/kernels/cpu.py builds this at first use).
 //
-// INT4 codes stay resident; the FP8 weight values fp8(q * s_g) are made in registers: per
-// (row, group) a 16-entry table of the chain values, one permute per 16 or 32 codes, so no
-// full-size temporary exists. linear(): per block of output rows the values are written into a
-// cache-resident tile in the layout of the dot-product instruction, and the kernel's own
-// register-blocked GEMM (bf16 pair dot products with AVX512-BF16, fp32 FMA elsewhere) sums each
-// output over K in one order whatever M (batch-invariant); with AMX, large M dequantizes once and
-// calls torch's GEMM. AVX-512 or AVX2 code, chosen at run time; registered as torch ops
-// (torch.ops.vllm_dpq_cpu.*).
+// INT4 codes stay resident; the FP8 weight values fp8(q * s_g) are made in registers from a
+// table of the 16 chain values of each group scale (chain_table), so no full-size temporary
+// exists. linear(): per block of output rows the values are written into a cache-resident tile
+// in the layout of the dot-product instruction, and the kernel's own register-blocked GEMM (bf16
+// pair dot products with AVX512-BF16, fp32 FMA elsewhere) sums each output over K in one order
+// whatever M (batch-invariant); with AMX, large M dequantizes once and calls torch's GEMM.
+// AVX-512 or AVX2 code, chosen at run time; registered as torch ops (torch.ops.vllm_dpq_cpu.*).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

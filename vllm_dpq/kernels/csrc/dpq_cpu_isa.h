@@ -267,11 +267,11 @@ static void quantize_rows(const T* x, int64_t k, float fp8_max, const float* sta
 
 // ---- The GEMMs (every M). Each multiplies MR activation rows at a time by a cache-resident tile
 // of the FP8 values of NR = 2W weight rows (lanes over N) into vector accumulators and applies
-// the epilogue in registers. Every output is the sum of four partial sums ("chains"), each over
+// the epilogue in registers. Every output is the sum of a few partial sums ("chains"), each over
 // its share of K in order, added in chain order: the result of a row does not depend on M, the
 // block or the thread (batch-invariant), and at small M the chains keep the multiply units busy
 // (CP chains run at a time, all of them where the accumulators fit in registers).
-constexpr int NR = 2 * W, CHAINS = 4;
+constexpr int NR = 2 * W;
 
 // with(rows, f): f(std::integral_constant<int, rows>) for rows in 1..R
 template <int R, typename F>
@@ -283,9 +283,10 @@ static inline void with_rows(int rows, F&& f) {
   }
 }
 
-// chains run at a time by MR_ rows that get `regs` accumulators each, of `budget`
-static constexpr int chains_at_once(int rows, int regs, int budget) {
-  return rows * regs * 4 <= budget ? 4 : rows * regs * 2 <= budget ? 2 : 1;
+// how many of `chains` chains run at a time when each takes `per_chain` of `budget` accumulators
+static constexpr int chains_at_once(int chains, int per_chain, int budget) {
+  while (chains > 1 && chains * per_chain > budget) chains /= 2;
+  return chains;
 }
 
 template <typename T>
@@ -293,6 +294,7 @@ static inline void store_out(const Epilogue& e, int64_t m, int64_t j, vf acc, T*
 
 // -- fp32 (every ISA): the values of W rows (RowBlock, lanes over K) transposed in registers into
 // a tile [slot][NR], one fp32 value per slot; one FMA per slot and row; chain c: slots c + 4i.
+constexpr int CHAINS = 4;
 #if DPQ_AVX512
 constexpr int MR = 12;  // 24 accumulators + 2 weight vectors + 1 broadcast of 32 registers
 static inline vi vunpack32(vi a, vi b, bool hi) { return hi ? _mm512_unpackhi_epi32(a, b) : _mm512_unpacklo_epi32(a, b); }
@@ -361,7 +363,7 @@ static inline void slot_step(const uint32_t* tile, const float* x, int64_t ldx, 
 template <int MR_, typename T>
 static inline void tile_rows(const uint32_t* tile, int64_t slots, const float* x, int64_t ldx, int64_t m0,
                              int64_t n0, const Epilogue& e, T* y) {
-  constexpr int CP = chains_at_once(MR_, 2, 2 * MR);
+  constexpr int CP = chains_at_once(CHAINS, 2 * MR_, 2 * MR);
   const float* xr = x + m0 * ldx;
   vf sum[MR_][2];
   for (int c0 = 0; c0 < CHAINS; c0 += CP) {
@@ -391,10 +393,12 @@ static inline void tile_rows(const uint32_t* tile, int64_t slots, const float* x
 // vectors, slot sets j = 0..3, each with four pair slots of each row: columns (0,2)..(12,14) of the
 // chunk, (16,18)..(28,30), (1,3)..(13,15), (17,19)..(29,31); the activations are stored in that
 // order (quantize_rows' pair_order), so a 128-bit broadcast of x multiplies a set. A row's output
-// sums its lane's four slots at the end; chain j: set j of every chunk. The lanes of quad q of a
+// sums its lane's four slots at the end; chain g: sets 2g and 2g + 1 of every chunk, in order (two
+// chains: long passes over K at large M, where they run one after another). The lanes of quad q of a
 // 16-row half hold rows q, q + 4, q + 8, q + 12, so that these sums come out in row order.
 static inline bool chunks32_ok(const Weights& w) { return w.group % 32 == 0 || w.groups == 1; }
 constexpr int MRP = 6;  // 24 accumulators (4 quads) + 4 weight vectors + 1 broadcast
+constexpr int PAIR_CHAINS = 2;
 
 // lane r of lo / hi: the low / high bytes of the 16 chain values of table t[r]
 static inline void pair_tables(const uint16_t* const t[4], __m512i& lo, __m512i& hi) {
@@ -464,29 +468,31 @@ static inline vf lane_sums(const vf a[4]) {
 template <int MR_, typename T>
 static inline void tile_rows_pairs(const uint32_t* tile, int64_t chunks, const slot_t* x, int64_t ldx, int64_t m0,
                                    int64_t n0, const Epilogue& e, T* y) {
-  constexpr int CP = chains_at_once(MR_, 4, 4 * MRP);
+  constexpr int CP = chains_at_once(PAIR_CHAINS, 4 * MR_, 4 * MRP);
   for (int h = 0; h < 2; ++h) {
     vf sum[MR_][4];
-    for (int j0 = 0; j0 < CHAINS; j0 += CP) {
+    for (int g0 = 0; g0 < PAIR_CHAINS; g0 += CP) {
       vf acc[CP][MR_][4];
-      for (int c = 0; c < CP; ++c)
+      for (int g = 0; g < CP; ++g)
         for (int i = 0; i < MR_; ++i)
-          for (int q = 0; q < 4; ++q) acc[c][i][q] = vzero();
+          for (int q = 0; q < 4; ++q) acc[g][i][q] = vzero();
       for (int64_t c = 0; c < chunks; ++c) {
-        for (int jj = 0; jj < CP; ++jj) {
-          const uint32_t* t = tile + (((c * 4 + j0 + jj) * 2 + h) * 4) * W;
-          __m512bh wq[4];
-          for (int q = 0; q < 4; ++q) wq[q] = (__m512bh)_mm512_loadu_si512(t + q * W);
-          for (int i = 0; i < MR_; ++i) {
-            const __m512bh xb =
-                (__m512bh)_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(x + (m0 + i) * ldx + c * 16 + (j0 + jj) * 4)));
-            for (int q = 0; q < 4; ++q) acc[jj][i][q] = _mm512_dpbf16_ps(acc[jj][i][q], xb, wq[q]);
+        for (int g = 0; g < CP; ++g) {
+          for (int j = 2 * (g0 + g); j < 2 * (g0 + g) + 2; ++j) {
+            const uint32_t* t = tile + (((c * 4 + j) * 2 + h) * 4) * W;
+            __m512bh wq[4];
+            for (int q = 0; q < 4; ++q) wq[q] = (__m512bh)_mm512_loadu_si512(t + q * W);
+            for (int i = 0; i < MR_; ++i) {
+              const __m512bh xb =
+                  (__m512bh)_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(x + (m0 + i) * ldx + c * 16 + j * 4)));
+              for (int q = 0; q < 4; ++q) acc[g][i][q] = _mm512_dpbf16_ps(acc[g][i][q], xb, wq[q]);
+            }
           }
         }
       }
-      for (int c = 0; c < CP; ++c)
+      for (int g = 0; g < CP; ++g)
         for (int i = 0; i < MR_; ++i)
-          for (int q = 0; q < 4; ++q) sum[i][q] = j0 + c == 0 ? acc[c][i][q] : sum[i][q] + acc[c][i][q];
+          for (int q = 0; q < 4; ++q) sum[i][q] = g0 + g == 0 ? acc[g][i][q] : sum[i][q] + acc[g][i][q];
     }
     for (int i = 0; i < MR_; ++i) store_out(e, m0 + i, n0 + W * h, lane_sums(sum[i]), y);
   }
