@@ -31,8 +31,7 @@ namespace {
 typedef uint32_t slot_t __attribute__((may_alias));
 
 // The 16 chain values fp8(clamp((c - 8) * s, -fp8_max, fp8_max)) (code c) of every bf16 value s
-// as bf16 words (exact), indexed by s's 16 bits: [65536][16] and one entry of padding (a 64-byte
-// load from the last entry stays inside), 2 MiB. Made once per fp8_max with
+// as bf16 words (exact), indexed by s's 16 bits: [65536][16], 2 MiB. Made once per fp8_max with
 // c10's fp8 conversion, the one torch (and so numerics.py) uses. Group scales are bf16 or fp8
 // (both exact in bf16), so the table of a (row, group) is one load.
 const uint16_t* chain_table(float fp8_max) {
@@ -41,7 +40,7 @@ const uint16_t* chain_table(float fp8_max) {
   std::lock_guard<std::mutex> lock(mu);
   for (const auto& [f, t] : made)
     if (f == fp8_max) return t.get();
-  auto t = std::make_unique<uint16_t[]>(65537 * 16);
+  auto t = std::make_unique<uint16_t[]>(65536 * 16);
   at::parallel_for(0, 65536, 4096, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float s = c10::BFloat16(static_cast<uint16_t>(b), c10::BFloat16::from_bits());
