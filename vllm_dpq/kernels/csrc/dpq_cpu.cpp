@@ -30,11 +30,11 @@ namespace {
 // a 32-bit GEMM operand slot (one fp32 value or a pair of bf16 values), read from either
 typedef uint32_t slot_t __attribute__((may_alias));
 
-// The 16 chain values fp8(clamp((c - 8) * s, -fp8_max, fp8_max)) (code c) of every bf16 value s
-// as bf16 words (exact), indexed by s's 16 bits: [65536][16], 2 MiB. Made once per fp8_max with
+// make_chain_table: the 16 chain values fp8(clamp((c - 8) * s, -fp8_max, fp8_max)) (code c) of
+// every bf16 value s as bf16 words (exact), indexed by s's 16 bits: [65536][16], 2 MiB. Made once per fp8_max with
 // c10's fp8 conversion, the one torch (and so numerics.py) uses. Group scales are bf16 or fp8
 // (both exact in bf16), so the table of a (row, group) is one load.
-const uint16_t* chain_table(float fp8_max) {
+const uint16_t* make_chain_table(float fp8_max) {
   static std::mutex mu;
   static std::vector<std::pair<float, std::unique_ptr<uint16_t[]>>> made;
   std::lock_guard<std::mutex> lock(mu);
@@ -52,6 +52,17 @@ const uint16_t* chain_table(float fp8_max) {
   });
   made.emplace_back(fp8_max, std::move(t));
   return made.back().second.get();
+}
+
+// chain_table for every linear call: the last table this thread used, without the lock
+const uint16_t* chain_table(float fp8_max) {
+  thread_local float last_max = 0.0f;
+  thread_local const uint16_t* last = nullptr;
+  if (last == nullptr || last_max != fp8_max) {
+    last = make_chain_table(fp8_max);
+    last_max = fp8_max;
+  }
+  return last;
 }
 
 // the bf16 bits of every float8_e4m3fn value
