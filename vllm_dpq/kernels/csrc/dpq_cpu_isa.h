@@ -273,6 +273,27 @@ static void quantize_rows(const T* x, int64_t k, float fp8_max, const float* sta
 // (CP chains run at a time, all of them where the accumulators fit in registers).
 constexpr int NR = 2 * W;
 
+// The codes and scales of the next block of NR weight rows, brought into L1 a few cache lines per
+// step while this block's tile is made: the tile build reads four rows of a few hundred bytes at
+// a time, too short for the hardware prefetcher, and without this it waits on those loads
+// (2 threads, SmolLM2's layers, bf16 pairs: 1.4x faster at M = 1, 1.12x at M = 32; fp32: 1.2-1.3x, 1.07-1.17x).
+struct Prefetch {
+  const char *p = nullptr, *end = nullptr;
+  int64_t per_step = 0;
+  Prefetch(const Weights& w, int64_t n0, int64_t steps) {
+    if (n0 >= w.n) return;
+    const int64_t n1 = std::min(n0 + NR, w.n), sb = w.fp8_scales ? 1 : 2;
+    const char* s = static_cast<const char*>(w.scales);
+    for (const char* q = s + n0 * w.groups * sb; q < s + n1 * w.groups * sb; q += 64) _mm_prefetch(q, _MM_HINT_T0);
+    p = reinterpret_cast<const char*>(w.packed + n0 * w.kw);
+    end = reinterpret_cast<const char*>(w.packed + n1 * w.kw);
+    per_step = ((end - p + 63) / 64 + steps - 1) / steps;
+  }
+  inline void step() {
+    for (int64_t i = 0; i < per_step && p < end; ++i, p += 64) _mm_prefetch(p, _MM_HINT_T0);
+  }
+};
+
 // with(rows, f): f(std::integral_constant<int, rows>) for rows in 1..R
 template <int R, typename F>
 static inline void with_rows(int rows, F&& f) {
@@ -337,10 +358,12 @@ static inline void transpose(vi r[W]) {
 
 // the tile of weight rows [n0, n0 + NR): tile[slot][NR] (slots rounded up to W)
 static void make_tile(const Weights& w, int64_t n0, int64_t slots, uint32_t* tile) {
+  Prefetch next(w, n0 + NR, 2 * ((slots + W - 1) / W));
   for (int h = 0; h < NR; h += W) {
     RowBlock rb(w, n0 + h);
     vi r[W];
     for (int64_t s = 0, c = 0; s < slots; s += W, ++c) {
+      next.step();
       rb.chunk(c, r);
       transpose(r);
       for (int i = 0; i < W; ++i) vstorei(tile + (s + i) * NR + h, r[i]);
@@ -418,6 +441,7 @@ static inline void pair_tables(const uint16_t* const t[4], __m512i& lo, __m512i&
 static void make_tile_pairs(const Weights& w, int64_t n0, int64_t chunks, uint32_t* tile) {
   const int64_t per_group = w.groups == 1 ? chunks : w.group / 32;
   const __m512i nibble = _mm512_set1_epi8(15);
+  Prefetch next(w, n0 + NR, 8 * chunks);
   for (int h = 0; h < 2; ++h) {
     for (int q = 0; q < 4; ++q) {
       const int32_t* row[4];
@@ -434,6 +458,7 @@ static void make_tile_pairs(const Weights& w, int64_t n0, int64_t chunks, uint32
           for (int r = 0; r < 4; ++r) t[r] = w.table(sr[r], c / per_group);
           pair_tables(t, lo, hi);
         }
+        next.step();
         const int nw = (int)std::min<int64_t>(4, w.kw - 4 * c);
         auto part = [&](int r) {
           return nw == 4 ? _mm_loadu_si128((const __m128i*)(row[r] + 4 * c))
@@ -504,11 +529,16 @@ static inline void tile_rows_pairs(const uint32_t* tile, int64_t chunks, const s
 template <bool PAIRS, typename T>
 static void gemm_block(const Weights& w, const slot_t* x8, int64_t ldx, int64_t m0, int64_t m1, int64_t n0,
                        const Epilogue& e, T* y, std::vector<uint32_t>& tile) {
+  // rows m0..m1 in passes of at most R rows, of nearly equal size (a pass of few rows reads the
+  // whole tile for little work: 32 rows are 6+6+5+5+5+5, not 5x6+2)
   auto rows = [&](auto&& block, auto r) {
-    int64_t m = m0;
     constexpr int R = decltype(r)::value;
-    for (; m + R <= m1; m += R) block(r, m);
-    if (m < m1) with_rows<R - 1>((int)(m1 - m), [&](auto mr) { block(mr, m); });
+    const int64_t passes = (m1 - m0 + R - 1) / R, base = (m1 - m0) / passes, extra = (m1 - m0) % passes;
+    for (int64_t p = 0, m = m0; p < passes; ++p) {
+      const int size = (int)(base + (p < extra));
+      with_rows<R>(size, [&](auto mr) { block(mr, m); });
+      m += size;
+    }
   };
 #if DPQ_BF16
   if constexpr (PAIRS) {
