@@ -171,7 +171,8 @@ class CpuBackend(Backend):
         if state.linear is None:
             return w4a8_matmul(x, w.fp8_values(), w.weight_scale, w.fp8_max, w.input_scale, bias, x.dtype,
                                state.gemm_dtype)
-        shape = x.shape
-        y = state.linear(x.reshape(-1, shape[-1]), w.packed, w.group_scale, w.weight_scale, w.input_scale, bias, w.k,
-                         w.group_size, w.fp8_max, state.gemm_dtype == torch.bfloat16, state.dequant_min_m)
-        return y.reshape(*shape[:-1], -1)
+        flat = x.dim() == 2  # vLLM's case: no reshape (each costs ~1 us in eager mode)
+        y = state.linear(x if flat else x.reshape(-1, x.shape[-1]), w.packed, w.group_scale, w.weight_scale,
+                         w.input_scale, bias, w.k, w.group_size, w.fp8_max, state.gemm_dtype == torch.bfloat16,
+                         state.dequant_min_m)
+        return y if flat else y.reshape(*x.shape[:-1], -1)
