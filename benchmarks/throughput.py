@@ -1,7 +1,8 @@
 """Offline vLLM throughput, docs/EVAL_PROTOCOL.md: BF16 and DPQ (and any other configuration)
 in one invocation, each run in a fresh process, N runs each, in vLLM's default compiled mode
-(torch.compile) and in eager mode (enforce_eager), a row each; min / median / max and the ratio
-of medians to the first configuration in the same mode.
+(torch.compile) and in eager mode (enforce_eager), a row each; min / median / max, the ratio
+of medians to the first configuration in the same mode, and the median of per-run ratios (run i
+against the baseline's run i, minutes apart: robust to load that comes and goes).
 
 Workloads (synthetic token-id prompts from a fixed seed, temperature 0, ignore_eos):
   decode   32 requests x 64 input tokens x 128 output tokens
@@ -161,6 +162,29 @@ def _fmt(x) -> str:
     return "" if x is None else f"{x:.3f}"
 
 
+def summarize(runs: dict, first: str, workloads, failed: dict) -> tuple[dict, str]:
+    """Median tok/s per (row, workload), and the table: min / median / max, the ratio of medians
+    to the first configuration in the same mode, and the median of the per-run ratios (run i of
+    a row against run i of the baseline, started minutes apart: robust to a machine whose load
+    comes and goes). Rows are "NAME (MODE)"."""
+    def base(name):
+        return f"{first} ({name.rsplit(' (', 1)[1][:-1]})"
+
+    summary = {(n, w): statistics.median(r[w]["output_tok_s"] for r in rs) for n, rs in runs.items() for w in workloads}
+    lines = ["| config | workload | output tok/s min / median / max | ratio of medians vs " + first +
+             " (same mode) | median of per-run ratios | resident weights GiB | KV tokens |", "|---|---|---|---|---|---|---|"]
+    for name, rs in runs.items():
+        for w in workloads:
+            xs = sorted(r[w]["output_tok_s"] for r in rs)
+            paired = statistics.median(r[w]["output_tok_s"] / b[w]["output_tok_s"] for r, b in zip(rs, runs[base(name)]))
+            lines.append(f"| {name} | {w} | {xs[0]:.1f} / {statistics.median(xs):.1f} / {xs[-1]:.1f} | "
+                         f"{summary[(name, w)] / summary[(base(name), w)]:.2f} | {paired:.2f} | "
+                         f"{_fmt(rs[0].get('resident_weights_gib'))} | {rs[0].get('kv_cache_tokens', '')} |")
+    for name, err in failed.items():
+        lines.append(f"| {name} | all | failed: {err.replace('|', '/')} | | | | |")
+    return summary, "\n".join(lines) + "\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", required=True, help="NAME=PATH[:KEY=VALUE,...]; first is the baseline")
@@ -198,29 +222,14 @@ def main() -> int:
             print(f"run {i + 1}/{a.runs} {name}: " + ", ".join(f"{w} {r[w]['output_tok_s']:.1f} tok/s" for w in workloads),
                   flush=True)
             a.out.with_suffix(".json").write_text(_json(results))
-    lines = ["| config | workload | output tok/s min / median / max | ratio of medians vs " + first +
-             " (same mode) | resident weights GiB | KV tokens |", "|---|---|---|---|---|---|"]
     failed = {n: runs[0]["error"] for n, runs in results["runs"].items() if "error" in runs[0]}
     results["runs"] = {n: runs for n, runs in results["runs"].items() if n not in failed}
     for base in (f"{first} ({mode})" for mode in modes):
         if base in failed:
             print(f"the baseline {base} failed: {failed[base]}", file=sys.stderr)
             return 1
-    summary = {}
-    for name, runs in results["runs"].items():
-        for w in workloads:
-            xs = [r[w]["output_tok_s"] for r in runs]
-            summary[(name, w)] = statistics.median(xs)
-    for name, runs in results["runs"].items():
-        for w in workloads:
-            xs = sorted(r[w]["output_tok_s"] for r in runs)
-            ratio = summary[(name, w)] / summary[(f"{first} ({rows[name][1]})", w)]
-            lines.append(f"| {name} | {w} | {xs[0]:.1f} / {statistics.median(xs):.1f} / {xs[-1]:.1f} | {ratio:.2f} | "
-                         f"{_fmt(runs[0].get('resident_weights_gib'))} | {runs[0].get('kv_cache_tokens', '')} |")
-    for name, err in failed.items():
-        lines.append(f"| {name} | all | failed: {err.replace('|', '/')} | | | |")
+    summary, table = summarize(results["runs"], first, workloads, failed)
     results["failed"] = failed
-    table = "\n".join(lines) + "\n"
     results["table"] = table
     a.out.with_suffix(".json").write_text(_json(results))
     a.out.with_suffix(".md").write_text(table)
