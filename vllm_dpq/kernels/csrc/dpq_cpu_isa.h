@@ -436,8 +436,12 @@ static inline void pair_tables(const uint16_t* const t[4], __m512i& lo, __m512i&
   hi = _mm512_permutex2var_epi64(a, _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1), b);
 }
 
-// The tile of weight rows [n0, n0 + NR), chunks of 32 columns: vector ((c * 4 + j) * 2 + h) * 4 + q
-// is slot set j of chunk c, quad q of half h.
+// The tile of weight rows [n0, n0 + NR), chunks of 32 columns: vector pair_vector(chunks, h, j,
+// c, q) is slot set j of chunk c, quad q of half h. A GEMM pass (half h, chain g = j / 2) reads
+// one contiguous quarter of the tile, which the hardware prefetcher streams.
+static inline int64_t pair_vector(int64_t chunks, int h, int j, int64_t c, int q) {
+  return (((h * PAIR_CHAINS + j / 2) * chunks + c) * 2 + j % 2) * 4 + q;
+}
 static void make_tile_pairs(const Weights& w, int64_t n0, int64_t chunks, uint32_t* tile) {
   const int64_t per_group = w.groups == 1 ? chunks : w.group / 32;
   const __m512i nibble = _mm512_set1_epi8(15);
@@ -471,11 +475,9 @@ static void make_tile_pairs(const Weights& w, int64_t n0, int64_t chunks, uint32
         const __m512i even = _mm512_and_si512(v, nibble), odd = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
         const __m512i el = _mm512_shuffle_epi8(lo, even), eh = _mm512_shuffle_epi8(hi, even);
         const __m512i ol = _mm512_shuffle_epi8(lo, odd), oh = _mm512_shuffle_epi8(hi, odd);
-        uint32_t* o = tile + ((c * 4 * 2 + h) * 4 + q) * W;  // set j at o + j * 8 * W
-        _mm512_storeu_si512(o, _mm512_unpacklo_epi8(el, eh));
-        _mm512_storeu_si512(o + 8 * W, _mm512_unpackhi_epi8(el, eh));
-        _mm512_storeu_si512(o + 16 * W, _mm512_unpacklo_epi8(ol, oh));
-        _mm512_storeu_si512(o + 24 * W, _mm512_unpackhi_epi8(ol, oh));
+        const __m512i set[4] = {_mm512_unpacklo_epi8(el, eh), _mm512_unpackhi_epi8(el, eh),
+                                _mm512_unpacklo_epi8(ol, oh), _mm512_unpackhi_epi8(ol, oh)};
+        for (int j = 0; j < 4; ++j) _mm512_storeu_si512(tile + pair_vector(chunks, h, j, c, q) * W, set[j]);
       }
     }
   }
@@ -504,7 +506,7 @@ static inline void tile_rows_pairs(const uint32_t* tile, int64_t chunks, const s
       for (int64_t c = 0; c < chunks; ++c) {
         for (int g = 0; g < CP; ++g) {
           for (int j = 2 * (g0 + g); j < 2 * (g0 + g) + 2; ++j) {
-            const uint32_t* t = tile + (((c * 4 + j) * 2 + h) * 4) * W;
+            const uint32_t* t = tile + pair_vector(chunks, h, j, c, 0) * W;
             __m512bh wq[4];
             for (int q = 0; q < 4; ++q) wq[q] = (__m512bh)_mm512_loadu_si512(t + q * W);
             for (int i = 0; i < MR_; ++i) {
