@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -338,16 +339,22 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   // work of a task in multiply-adds, making its tile counted as ~22 per weight (0.35 cycles at
   // 64 per cycle); at least 2^18 per thread, so that small layers stay on this thread
   const int64_t task_work = nr * k * (22 + std::min(m, MC));
-  at::parallel_for(0, tasks, std::max<int64_t>(1, (1 << 18) / task_work), [&](int64_t t0, int64_t t1) {
+  // Tasks are taken one at a time from a shared counter, so a core slowed by other load takes
+  // fewer of them instead of stalling the call; a thread takes its next task before making this
+  // one's tile, whose build prefetches the next task's weights. Any thread computes a task alike.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, tasks, std::max<int64_t>(1, (1 << 18) / task_work), [&](int64_t, int64_t) {
     thread_local std::vector<uint32_t> tile;
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t = next++, t_next; t < tasks; t = t_next) {
+      t_next = next++;
       const int64_t m0 = t / nblocks * MC, m1 = std::min(m, m0 + MC), n0 = t % nblocks * nr;
+      const int64_t pf = t_next < tasks ? t_next % nblocks * nr : w.n;  // rows to prefetch (w.n: none)
       auto run = [&](auto* yp) {
         using T = std::remove_pointer_t<decltype(yp)>;
         if (pairs) {
-          avx512bf16::gemm_block<true, T>(w, xp, ldx, m0, m1, n0, e, yp, tile);
+          avx512bf16::gemm_block<true, T>(w, xp, ldx, m0, m1, n0, pf, e, yp, tile);
         } else {
-          DPQ_ISA(gemm_block<false, T>(w, xp, ldx, m0, m1, n0, e, yp, tile));
+          DPQ_ISA(gemm_block<false, T>(w, xp, ldx, m0, m1, n0, pf, e, yp, tile));
         }
       };
       switch (y.scalar_type()) {

@@ -273,10 +273,11 @@ static void quantize_rows(const T* x, int64_t k, float fp8_max, const float* sta
 // (CP chains run at a time, all of them where the accumulators fit in registers).
 constexpr int NR = 2 * W;
 
-// The codes and scales of the next block of NR weight rows, brought into L1 a few cache lines per
-// step while this block's tile is made: the tile build reads four rows of a few hundred bytes at
-// a time, too short for the hardware prefetcher, and without this it waits on those loads
-// (2 threads, SmolLM2's layers, bf16 pairs: 1.4x faster at M = 1, 1.12x at M = 32; fp32: 1.2-1.3x, 1.07-1.17x).
+// The codes and scales of NR weight rows from n0 (the block this thread does next), brought into
+// L1 a few cache lines per step while this block's tile is made: the tile build reads four rows
+// of a few hundred bytes at a time, too short for the hardware prefetcher, and without this it
+// waits on those loads (2 threads, SmolLM2's layers, bf16 pairs: 1.4x faster at M = 1, 1.12x at
+// M = 32; fp32: 1.2-1.3x, 1.07-1.17x).
 struct Prefetch {
   const char *p = nullptr, *end = nullptr;
   int64_t per_step = 0;
@@ -357,8 +358,8 @@ static inline void transpose(vi r[W]) {
 }
 
 // the tile of weight rows [n0, n0 + NR): tile[slot][NR] (slots rounded up to W)
-static void make_tile(const Weights& w, int64_t n0, int64_t slots, uint32_t* tile) {
-  Prefetch next(w, n0 + NR, 2 * ((slots + W - 1) / W));
+static void make_tile(const Weights& w, int64_t n0, int64_t slots, uint32_t* tile, int64_t prefetch_n0) {
+  Prefetch next(w, prefetch_n0, 2 * ((slots + W - 1) / W));
   for (int h = 0; h < NR; h += W) {
     RowBlock rb(w, n0 + h);
     vi r[W];
@@ -442,10 +443,10 @@ static inline void pair_tables(const uint16_t* const t[4], __m512i& lo, __m512i&
 static inline int64_t pair_vector(int64_t chunks, int h, int j, int64_t c, int q) {
   return (((h * PAIR_CHAINS + j / 2) * chunks + c) * 2 + j % 2) * 4 + q;
 }
-static void make_tile_pairs(const Weights& w, int64_t n0, int64_t chunks, uint32_t* tile) {
+static void make_tile_pairs(const Weights& w, int64_t n0, int64_t chunks, uint32_t* tile, int64_t prefetch_n0) {
   const int64_t per_group = w.groups == 1 ? chunks : w.group / 32;
   const __m512i nibble = _mm512_set1_epi8(15);
-  Prefetch next(w, n0 + NR, 8 * chunks);
+  Prefetch next(w, prefetch_n0, 8 * chunks);
   for (int h = 0; h < 2; ++h) {
     for (int q = 0; q < 4; ++q) {
       const int32_t* row[4];
@@ -527,9 +528,10 @@ static inline void tile_rows_pairs(const uint32_t* tile, int64_t chunks, const s
 #endif
 
 // y[m0:m1, n0:n0+NR] = epilogue(x8[m0:m1] . tile^T). PAIRS: x8 [M, ldx slots] in pair order (ldx
-// = 16 per 32 columns); else fp32 [M, ldx = K]; zero past K.
+// = 16 per 32 columns); else fp32 [M, ldx = K]; zero past K. Weight rows from prefetch_n0 (the
+// block this thread does next; N: none) are prefetched while the tile is made.
 template <bool PAIRS, typename T>
-static void gemm_block(const Weights& w, const slot_t* x8, int64_t ldx, int64_t m0, int64_t m1, int64_t n0,
+static void gemm_block(const Weights& w, const slot_t* x8, int64_t ldx, int64_t m0, int64_t m1, int64_t n0, int64_t prefetch_n0,
                        const Epilogue& e, T* y, std::vector<uint32_t>& tile) {
   // rows m0..m1 in passes of at most R rows, of nearly equal size (a pass of few rows reads the
   // whole tile for little work: 32 rows are 6+6+5+5+5+5, not 5x6+2)
@@ -546,14 +548,14 @@ static void gemm_block(const Weights& w, const slot_t* x8, int64_t ldx, int64_t 
   if constexpr (PAIRS) {
     const int64_t chunks = (w.k + 31) / 32;
     tile.resize(chunks * 16 * NR);
-    make_tile_pairs(w, n0, chunks, tile.data());
+    make_tile_pairs(w, n0, chunks, tile.data(), prefetch_n0);
     return rows([&](auto mr, int64_t m) { tile_rows_pairs<decltype(mr)::value>(tile.data(), chunks, x8, ldx, m, n0, e, y); },
                 std::integral_constant<int, MRP>{});
   }
 #endif
   const float* x = reinterpret_cast<const float*>(x8);
   tile.resize(NR * ((w.k + W - 1) / W * W));
-  make_tile(w, n0, w.k, tile.data());
+  make_tile(w, n0, w.k, tile.data(), prefetch_n0);
   rows([&](auto mr, int64_t m) { tile_rows<decltype(mr)::value>(tile.data(), w.k, x, ldx, m, n0, e, y); },
        std::integral_constant<int, MR>{});
 }
