@@ -162,13 +162,13 @@ def _fmt(x) -> str:
     return "" if x is None else f"{x:.3f}"
 
 
-def summarize(runs: dict, first: str, workloads, failed: dict) -> tuple[dict, str]:
+def summarize(runs: dict, mode_of: dict, first: str, workloads, failed: dict) -> tuple[dict, str]:
     """Median tok/s per (row, workload), and the table: min / median / max, the ratio of medians
-    to the first configuration in the same mode, and the median of the per-run ratios (run i of
-    a row against run i of the baseline, started minutes apart: robust to a machine whose load
-    comes and goes). Rows are "NAME (MODE)"."""
+    to the first configuration in the same mode (mode_of: row -> mode), and the median of the
+    per-run ratios (run i of a row against run i of the baseline, started minutes apart: robust
+    to a machine whose load comes and goes)."""
     def base(name):
-        return f"{first} ({name.rsplit(' (', 1)[1][:-1]})"
+        return f"{first} ({mode_of[name]})"
 
     summary = {(n, w): statistics.median(r[w]["output_tok_s"] for r in rs) for n, rs in runs.items() for w in workloads}
     lines = ["| config | workload | output tok/s min / median / max | ratio of medians vs " + first +
@@ -228,7 +228,7 @@ def main() -> int:
         if base in failed:
             print(f"the baseline {base} failed: {failed[base]}", file=sys.stderr)
             return 1
-    summary, table = summarize(results["runs"], first, workloads, failed)
+    summary, table = summarize(results["runs"], {n: mode for n, (_, mode) in rows.items()}, first, workloads, failed)
     results["failed"] = failed
     results["table"] = table
     a.out.with_suffix(".json").write_text(_json(results))
