@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group", type=int, default=32)
     ap.add_argument("--isa", choices=("avx2", "avx512", "avx512bf16"), default=None,
                     help="run the kernel's code for a lower ISA than this CPU's best (e.g. the AVX2 path; "
-                         "with VLLM_DPQ_CPU_GEMM=float32 for an AVX2-only CPU's choice)")
+                         "with DPQ_CPU_GEMM=float32 for an AVX2-only CPU's choice)")
     ap.add_argument("--flush-mb", type=int, default=64,
                     help="MiB written before every call so that weights come from memory, not the caches (0: off)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",

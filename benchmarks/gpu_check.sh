@@ -25,15 +25,15 @@ OUTDIR="${OUT:-results}"
 mkdir -p "$OUTDIR"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"  # silence Triton 3.9's notice; kernels set their own
-unset TRITON_INTERPRET VLLM_DPQ_BACKEND VLLM_DPQ_TRITON_CONFIG VLLM_DPQ_TRITON_RNE VLLM_DPQ_TRITON_DEQUANT_M \
-    VLLM_DPQ_GPU_DRY_RUN
+unset TRITON_INTERPRET DPQ_BACKEND DPQ_TRITON_CONFIG DPQ_TRITON_RNE DPQ_TRITON_DEQUANT_M \
+    DPQ_GPU_DRY_RUN
 DRY=0
 if [[ "${1:-}" == "--dry-run-cpu" ]]; then
     DRY=1
     shift
-    export TRITON_INTERPRET=1 VLLM_DPQ_GPU_DRY_RUN=1
+    export TRITON_INTERPRET=1 DPQ_GPU_DRY_RUN=1
 fi
-export VLLM_DPQ_GPU_GEMM_BUDGET_S="${VLLM_DPQ_GPU_GEMM_BUDGET_S:-300}"  # GEMM cases not started by then: skipped
+export DPQ_GPU_GEMM_BUDGET_S="${DPQ_GPU_GEMM_BUDGET_S:-300}"  # GEMM cases not started by then: skipped
 BENCH_BUDGET_S="${BENCH_BUDGET_S:-450}"  # the group-32 benchmark is skipped after this many seconds
 PY="${PYTHON:-python3}"
 LOG="$OUTDIR/gpu_check.log"

@@ -20,7 +20,7 @@ KV-cache capacity that vLLM logs. A configuration this vLLM cannot run (say `qua
 on a CPU without FP8 support) is reported as failed, with vLLM's error, and the others go on.
 `--memory-only` loads each configuration once, in the first of `--modes`. Compiled runs use
 vLLM's compile cache (~/.cache/vllm): set VLLM_DISABLE_COMPILE_CACHE=1 after changing a
-VLLM_DPQ_* variable (docs/SERVING.md). Writes OUT.json, OUT.png and prints a table.
+DPQ_* variable (docs/SERVING.md). Writes OUT.json, OUT.png and prints a table.
 """
 
 from __future__ import annotations

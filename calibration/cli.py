@@ -231,6 +231,6 @@ def demo_model_main(argv: list[str]) -> int:
     from vllm_dpq.cli import run_command
 
     p = argparse.ArgumentParser(prog="vllm-dpq demo-model", description=demo_model_main.__doc__)
-    p.add_argument("--output", default=None, help="folder (default: $VLLM_DPQ_CACHE or ~/.cache/vllm-dpq)")
+    p.add_argument("--output", default=None, help="folder (default: $DPQ_CACHE or ~/.cache/vllm-dpq)")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
     return run_command(lambda a: print(build_demo_model(a.output, force=a.force)), p.parse_args(argv))

@@ -23,6 +23,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from vllm_dpq import env as dpq_env
+
 __all__ = ["cache_dir", "build_demo_model", "DEMO_MODEL_NAME", "is_complete"]
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -40,8 +42,8 @@ def _log(msg: str) -> None:
 
 
 def cache_dir() -> Path:
-    """``$VLLM_DPQ_CACHE`` if set, else ``~/.cache/vllm-dpq``."""
-    env = os.environ.get("VLLM_DPQ_CACHE")
+    """``$DPQ_CACHE`` if set, else ``~/.cache/vllm-dpq``."""
+    env = dpq_env.get("DPQ_CACHE")
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "vllm-dpq"

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
-CACHE=${VLLM_DPQ_CACHE:-$HOME/.cache/vllm-dpq}
+CACHE=${DPQ_CACHE:-$HOME/.cache/vllm-dpq}
 MODEL=$(vllm-dpq demo-model | tail -n 1)
 CKPT=${DPQ_CHECKPOINT:-$CACHE/SmolLM2-135M-Instruct-DPQ-g32}
 DATA=${DPQ_CALIB_DATA:-examples/data/austen_sensesensibility.txt}

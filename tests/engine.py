@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT = "DPQ_RESULT "
 ENGINE_TIMEOUT = 900  # s for one child (engine start ~17 s eager on an idle 2-core CPU, minutes when loaded)
 CLI = [sys.executable, "-m", "vllm_dpq.cli"]
-DPQ_VARS = ("VLLM_DPQ_BACKEND",)
+DPQ_VARS = ("DPQ_BACKEND",)
 
 
 def engine_env(ranks: int = 1, backend: str | None = None, apply_model: bool = False, in_process: bool = False,
@@ -46,7 +46,7 @@ def engine_env(ranks: int = 1, backend: str | None = None, apply_model: bool = F
 
     A small KV cache (the machine has little memory to spare); no VLLM_PLUGINS (an allow-list
     without "dpq" would skip the plugin silently); the DPQ variables unset (the defaults), but
-    ``backend`` (VLLM_DPQ_BACKEND) when asked;
+    ``backend`` (DPQ_BACKEND) when asked;
     one core per rank for tensor or pipeline parallel (``ranks`` processes); ``apply_model``
     allows ``LLM.apply_model`` to pickle a function (local only); ``in_process`` runs the
     engine core in the child itself (VLLM_ENABLE_V1_MULTIPROCESSING=0; with
@@ -60,7 +60,7 @@ def engine_env(ranks: int = 1, backend: str | None = None, apply_model: bool = F
     for var in ("VLLM_PLUGINS", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING", *DPQ_VARS):
         env.pop(var, None)
     if backend:
-        env["VLLM_DPQ_BACKEND"] = backend
+        env["DPQ_BACKEND"] = backend
     if ranks > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(ranks))
     if apply_model:

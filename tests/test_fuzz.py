@@ -1,6 +1,6 @@
 """Checkpoint fuzzer: random corruptions of a valid checkpoint. Every case must end in a
 CheckpointError that names what is wrong: no other exception, no crash, no hang, and never a
-checkpoint that loads. VLLM_DPQ_FUZZ_CASES sets the number of cases (default 240)."""
+checkpoint that loads. DPQ_FUZZ_CASES sets the number of cases (default 240)."""
 
 import json
 import os
@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from conftest import make_checkpoint
 from vllm_dpq.format import MANIFEST, CheckpointError, file_digest, read_checkpoint
 
-CASES = int(os.environ.get("VLLM_DPQ_FUZZ_CASES", "240"))
+CASES = int(os.environ.get("DPQ_FUZZ_CASES", "240"))
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int32, torch.int64, torch.uint8]
 BAD_VALUES = [float("nan"), float("inf"), float("-inf"), 0.0, -1.0, -1e-3]
 

@@ -16,7 +16,6 @@ from kernel_cases import (ACT_STATIC_SCALES, SCALE_DTYPES, activation_input, act
 # (from AMX_DEQUANT_MIN_M rows on a CPU with AMX; forced here for every M)
 VARIANTS = [("cpu", "kernel"), ("cpu", "dequant"), ("scaled_mm", None), ("triton", None)]
 assert {b for b, _ in VARIANTS} == set(BACKENDS), "every backend is tested against the reference"
-ISAS = ["avx512bf16", "avx512", "avx2"]
 
 
 def cpu_path(monkeypatch, path):
@@ -30,12 +29,15 @@ def isa_gemm(isa_name):
     return "bfloat16" if isa_name == "avx512bf16" else "float32"
 
 
-@pytest.fixture(params=ISAS)
+@pytest.fixture(params=list(reversed(cpu.ISAS)))
 def isa(request):
-    """Each kernel ISA this CPU runs (the AVX2 code runs on AVX-512 CPUs too)."""
+    """Each kernel ISA this CPU runs (the AVX2 code runs on AVX-512 CPUs too), within $DPQ_CPU_ISA."""
     ops = cpu.kernels()
     if ops is None:
         pytest.skip("the CPU kernel cannot be built here (see the warning)")
+    cap = cpu.isa_cap()
+    if cap is not None and cpu.ISAS.index(request.param) > cpu.ISAS.index(cap):
+        pytest.skip(f"{cpu.ENV_ISA}={cap}: runs as a CPU without {request.param}")
     try:
         before = ops.use_isa(request.param)
     except RuntimeError as e:
@@ -49,6 +51,8 @@ def isa(request):
 @pytest.mark.parametrize("n,k,g", [(96, 576, 128), (40, 72, 32), (64, 1536, 64), (33, 100, -1), (24, 200, 24)])
 def test_backend_matches_reference(backend, path, static, n, k, g, monkeypatch):
     cpu_path(monkeypatch, path)
+    ops = cpu.kernels()  # the GEMM this CPU's kernel computes: pretending AMX must not ask an
+    monkeypatch.setenv(cpu.ENV_GEMM, isa_gemm(ops.isa() if ops is not None else "none"))  # AVX2 CPU for bf16
     scheme = Scheme(group_size=g, weight_scale="channel" if k == 100 else "tensor")
     qw, x, s_x, bias, weights = make(n, k, scheme, static)
     b = BACKENDS[backend]
@@ -176,14 +180,44 @@ def test_cpu_backend_without_its_kernel(monkeypatch):
 
 
 def test_cpu_gemm_dtype_follows_the_cpu(monkeypatch):
+    """bf16 where the CPU has AVX512-BF16 or AMX, fp32 elsewhere; $DPQ_CPU_ISA chooses as a CPU
+    with at most that ISA would (avx2 and avx512: fp32 and no AMX; avx512bf16: no AMX)."""
     monkeypatch.delenv(cpu.ENV_GEMM, raising=False)
-    for bf16, amx, want in ((True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)):
+    for cap, bf16, amx, want in ((None, True, False, torch.bfloat16), (None, False, True, torch.bfloat16),
+                                 (None, False, False, torch.float32), ("avx2", True, True, torch.float32),
+                                 ("avx512", True, True, torch.float32), ("avx512bf16", True, True, torch.bfloat16),
+                                 ("avx512bf16", False, False, torch.float32)):
+        if cap is None:
+            monkeypatch.delenv(cpu.ENV_ISA, raising=False)
+        else:
+            monkeypatch.setenv(cpu.ENV_ISA, cap)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
-        assert cpu.gemm_dtype() == want
+        assert cpu.gemm_dtype() == want and cpu.fast_dtype() == want, (cap, bf16, amx)
+        assert cpu.amx() == (amx and cap is None)
+    monkeypatch.setenv(cpu.ENV_ISA, "sse4")
+    with pytest.raises(ValueError, match=cpu.ENV_ISA):
+        cpu.gemm_dtype()
+    monkeypatch.delenv(cpu.ENV_ISA)
     monkeypatch.setenv(cpu.ENV_GEMM, "fp16")
     with pytest.raises(ValueError, match=cpu.ENV_GEMM):
         cpu.gemm_dtype()
+
+
+def test_project_variables_old_names(monkeypatch, caplog):
+    """DPQ_* names are read first; the old VLLM_DPQ_* ones still work, with a deprecation warning."""
+    from vllm_dpq import env
+
+    env._deprecated.cache_clear()  # warned once per process and name
+    monkeypatch.delenv(cpu.ENV_GEMM, raising=False)
+    monkeypatch.setenv("VLLM_" + cpu.ENV_GEMM, "float32")
+    with caplog.at_level("WARNING", logger="vllm_dpq"):
+        assert cpu.gemm_dtype() == torch.float32
+    assert "deprecated" in caplog.text and cpu.ENV_GEMM in caplog.text
+    monkeypatch.setenv(cpu.ENV_GEMM, "bfloat16")
+    assert cpu.gemm_dtype() == torch.bfloat16  # the new name wins
+    with pytest.raises(ValueError, match="DPQ_"):
+        env.get("VLLM_DPQ_BACKEND")
 
 
 @pytest.mark.parametrize("static", [False, True])

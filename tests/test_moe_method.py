@@ -129,8 +129,8 @@ SCHEMES = {
 def test_moe_matches_reference(tp1, monkeypatch, scheme_name, backend):
     from vllm_dpq.plugin.moe_method import DPQMoEMethod
 
-    monkeypatch.setenv("VLLM_DPQ_BACKEND", backend)
-    monkeypatch.setenv("VLLM_DPQ_CPU_GEMM", "float32")  # bit-exact FP8 products and fp32 sums on any CPU
+    monkeypatch.setenv("DPQ_BACKEND", backend)
+    monkeypatch.setenv("DPQ_CPU_GEMM", "float32")  # bit-exact FP8 products and fp32 sums on any CPU
     names = MIXTRAL if scheme_name.startswith("g16") else QWEN
     cfg = make_config(**SCHEMES[scheme_name])
     runner, prefix = build(cfg, names)
@@ -254,7 +254,7 @@ def _tp2_rank(rank: int, port: int, out: str) -> None:
     import os
 
     torch.set_num_threads(1)
-    os.environ["VLLM_DPQ_CPU_GEMM"] = "float32"
+    os.environ["DPQ_CPU_GEMM"] = "float32"
     from vllm.distributed import tensor_model_parallel_all_reduce
 
     result = {}

@@ -160,7 +160,7 @@ SCHEMES = {
 @pytest.mark.parametrize("scheme_name", list(SCHEMES))
 @pytest.mark.parametrize("kind", ["qkv", "gate_up", "row", "column", "replicated"])
 def test_layer_matches_reference(tp1, monkeypatch, kind, scheme_name, backend):
-    monkeypatch.setenv("VLLM_DPQ_BACKEND", backend)
+    monkeypatch.setenv("DPQ_BACKEND", backend)
     scheme_kw, k = SCHEMES[scheme_name]
     cfg = make_config(**scheme_kw)
     layer, shards = build(kind, cfg, k)

@@ -7,7 +7,7 @@ benchmarks/gpu_check.sh runs them before the GEMM benchmark:
 Dry run without a GPU, on CPU under Triton's interpreter (small shapes; checks the harness,
 not the hardware; about a minute):
 
-    TRITON_INTERPRET=1 VLLM_DPQ_GPU_DRY_RUN=1 PYTHONPATH=. python -m pytest -m gpu tests/test_triton_gpu.py
+    TRITON_INTERPRET=1 DPQ_GPU_DRY_RUN=1 PYTHONPATH=. python -m pytest -m gpu tests/test_triton_gpu.py
 
 The case generators and pass criteria are the CPU tests' (tests/kernel_cases.py), at GPU sizes:
 
@@ -29,7 +29,7 @@ The case generators and pass criteria are the CPU tests' (tests/kernel_cases.py)
    (not multiples of 128)/4096/7168, N 384/1000/4096/14336, G 32/64/128/-1, static/dynamic,
    bias, bf16/fp8 group scales, per-tensor/per-channel s_w. Each case records (junit
    properties) the fraction of outputs within the stricter CPU criterion and its worst error.
-   $VLLM_DPQ_GPU_GEMM_BUDGET_S: GEMM cases not started within that many seconds of this
+   $DPQ_GPU_GEMM_BUDGET_S: GEMM cases not started within that many seconds of this
    module's import are skipped ("time budget spent").
 """
 
@@ -65,8 +65,8 @@ from kernel_cases import (  # tests/kernel_cases.py: shared with the CPU tests
 )
 from vllm_dpq.kernels.triton.config import ENV_RNE, interpreting
 
-ENV_DRY_RUN = "VLLM_DPQ_GPU_DRY_RUN"
-ENV_BUDGET = "VLLM_DPQ_GPU_GEMM_BUDGET_S"
+ENV_DRY_RUN = "DPQ_GPU_DRY_RUN"
+ENV_BUDGET = "DPQ_GPU_GEMM_BUDGET_S"
 START = time.time()
 
 CUDA = torch.cuda.is_available()

@@ -20,7 +20,7 @@ Three kinds of checks:
 * Ahead-of-time compilation for sm_89 / sm_90 / sm_100 with the ptxas that Triton's wheel
   carries (no GPU needed): the kernels compile, use tensor-core MMA, divide with div.rn, and
   do not spill registers.
-* Host side: dispatch (never triton on CPU; VLLM_DPQ_BACKEND=triton on CPU is a clear error;
+* Host side: dispatch (never triton on CPU; DPQ_BACKEND=triton on CPU is a clear error;
   the package imports without triton and then says why triton is unavailable), the config
   table, the environment read once at prepare, the resident layout.
 """
@@ -259,7 +259,7 @@ CASES = {"cast": _case_cast, "act": _case_act, "dequant": _case_dequant, "gemm":
 def run_interpreted(case: str) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    env.pop("VLLM_DPQ_TRITON_CONFIG", None)
+    env.pop("DPQ_TRITON_CONFIG", None)
     p = subprocess.run([sys.executable, __file__, case], env=env, capture_output=True, text=True, timeout=900,
                        cwd=ROOT)
     assert p.returncode == 0, f"interpreter run {case!r} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
@@ -393,7 +393,7 @@ def test_pick_config_table(monkeypatch):
 
 
 def test_settings_resolved_once_at_prepare(monkeypatch):
-    """VLLM_DPQ_TRITON_CONFIG / _DEQUANT_M / _RNE are read and validated by prepare and kept
+    """DPQ_TRITON_CONFIG / _DEQUANT_M / _RNE are read and validated by prepare and kept
     in the state; changing the environment later changes nothing."""
     from vllm_dpq.kernels import triton as tw
 

@@ -155,9 +155,8 @@ USER_ERRORS = (FileExistsError, FileNotFoundError)
 
 def run_command(fn, args, user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run one subcommand; errors that are the user's input are reported as one line
-    (VLLM_DPQ_DEBUG=1: traceback), exit status 2."""
-    import os
-
+    (DPQ_DEBUG=1: traceback), exit status 2."""
+    from vllm_dpq import env
     from vllm_dpq.format import CheckpointError
     from vllm_dpq.interop import InteropError
 
@@ -167,7 +166,7 @@ def run_command(fn, args, user_errors: tuple[type[BaseException], ...] = ()) -> 
         sys.stderr.close()
         return 0
     except (CheckpointError, InteropError, *USER_ERRORS, *user_errors) as e:
-        if os.environ.get("VLLM_DPQ_DEBUG"):
+        if env.get("DPQ_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

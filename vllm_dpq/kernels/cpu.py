@@ -15,8 +15,9 @@ use with the machine's compiler, AVX-512 or AVX2 chosen at run time) computes th
                 over K in one fixed order whatever M: a request's output does not depend on
                 the batch it shares a call with.
 
-The GEMM dtype is chosen at load from the CPU ($VLLM_DPQ_CPU_GEMM=auto): bf16 where the CPU
+The GEMM dtype is chosen at load from the CPU ($DPQ_CPU_GEMM=auto): bf16 where the CPU
 computes it natively, fp32 elsewhere (AVX2 only: there a bf16 matmul is ~40x slower than fp32).
+$DPQ_CPU_ISA=avx2 (or avx512) makes every such choice as a CPU with at most that ISA would.
 With AMX tiles, from AMX_DEQUANT_MIN_M activation rows the weights are dequantized once per call
 and multiplied by torch's GEMM instead (oneDNN's AMX tiles outrun vector dot products there;
 that GEMM rounds its result to bf16 before the scales, and its sum order depends on M). Where the
@@ -36,21 +37,35 @@ from typing import Any
 
 import torch
 
+from vllm_dpq import env
 from vllm_dpq.kernels.base import Backend, W4A8Weights
 from vllm_dpq.numerics import w4a8_matmul
 
 logger = logging.getLogger("vllm_dpq")
 
-ENV_GEMM = "VLLM_DPQ_CPU_GEMM"
+ENV_GEMM = "DPQ_CPU_GEMM"
 GEMM_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+ENV_ISA = "DPQ_CPU_ISA"
+ISAS = ("avx2", "avx512", "avx512bf16")  # the kernel's code paths, lowest first
+
+
+def isa_cap() -> str | None:
+    """$DPQ_CPU_ISA: choose as a CPU with at most that ISA would (``avx2``: an AVX2-only CPU's
+    choices: its kernel code, fp32 GEMMs and serving dtype, no AMX); unset: this CPU's own."""
+    cap = env.get(ENV_ISA) or None
+    if cap is not None and cap not in ISAS:
+        raise ValueError(f"{ENV_ISA}={cap!r}: choose one of {', '.join(ISAS)} (or leave it unset)")
+    return cap
 
 
 def amx() -> bool:
-    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return isa_cap() is None and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 def native_bf16() -> bool:
-    """Does this CPU compute bf16 natively (AVX512-BF16 or AMX tiles)?"""
+    """Does this CPU compute bf16 natively (AVX512-BF16 or AMX tiles), within $DPQ_CPU_ISA?"""
+    if isa_cap() not in (None, "avx512bf16"):
+        return False
     return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or amx()
 
 
@@ -61,8 +76,8 @@ def fast_dtype(device: str | torch.device = "cpu") -> torch.dtype:
 
 
 def gemm_dtype() -> torch.dtype:
-    """The CPU GEMM dtype: $VLLM_DPQ_CPU_GEMM (auto, bfloat16, float32); auto = fast_dtype()."""
-    choice = os.environ.get(ENV_GEMM, "auto")
+    """The CPU GEMM dtype: $DPQ_CPU_GEMM (auto, bfloat16, float32); auto = fast_dtype()."""
+    choice = env.get(ENV_GEMM, "auto")
     if choice == "auto":
         return fast_dtype()
     if choice not in GEMM_DTYPES:
@@ -118,8 +133,9 @@ def log_choice(isa: str, gemm: torch.dtype) -> None:
 @functools.cache
 def kernels():
     """torch.ops.vllm_dpq_cpu (csrc/dpq_cpu.cpp), compiled at first use and cached by torch
-    (~/.cache/torch_extensions, keyed by the source's hash); None where it cannot be built or
-    run (the reason is logged once)."""
+    (~/.cache/torch_extensions, keyed by the source's hash), running the code of $DPQ_CPU_ISA if
+    set; None where it cannot be built or run (the reason is logged once)."""
+    cap = isa_cap()
     try:
         _build_and_load()
         ops = torch.ops.vllm_dpq_cpu
@@ -133,6 +149,8 @@ def kernels():
         logger.warning("DPQ: CPU kernel unavailable (%s); falling back to torch ops, FP8 weights rebuilt on "
                        "every call (slow)", str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         return None
+    if cap is not None:
+        ops.use_isa(cap)  # an ISA this CPU lacks: a RuntimeError naming the CPU's best
     return ops
 
 

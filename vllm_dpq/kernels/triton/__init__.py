@@ -8,7 +8,7 @@ One idea per module:
   the fused GEMM, the split-K reduction) and how they round to FP8. Imports triton; only
   ``ops.kernels()`` imports it, on first use.
 * ``config``: ``TritonConfig``, the table by M (``pick_config``), and the environment
-  (VLLM_DPQ_TRITON_CONFIG, VLLM_DPQ_TRITON_DEQUANT_M, VLLM_DPQ_TRITON_RNE), parsed and
+  (DPQ_TRITON_CONFIG, DPQ_TRITON_DEQUANT_M, DPQ_TRITON_RNE), parsed and
   validated once per layer into ``TritonSettings``.
 * ``ops``: the resident layout (``prepare_weights`` -> ``TritonState``, which carries the
   settings) and the launchers (``quantize_activation_fp8``, ``dequantize_weight``, ``gemm``,

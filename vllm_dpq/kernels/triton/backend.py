@@ -49,7 +49,7 @@ class TritonBackend(Backend):
         return None
 
     def prepare(self, w: W4A8Weights) -> TritonState:
-        """Re-lay the weight and resolve the environment (VLLM_DPQ_TRITON_*) once, here."""
+        """Re-lay the weight and resolve the environment (DPQ_TRITON_*) once, here."""
         return prepare_weights(w)
 
     def apply(self, state: TritonState, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

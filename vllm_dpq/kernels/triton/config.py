@@ -5,15 +5,15 @@ backend's environment variables, read and validated once per layer, in ``prepare
 Environment (resolved at load; the result travels in the state, and into the custom op as
 plain arguments):
 
-* ``VLLM_DPQ_TRITON_CONFIG="BM,BN,BK,SPLIT,WARPS,STAGES[,UNPACK]"``: one fused-kernel config
+* ``DPQ_TRITON_CONFIG="BM,BN,BK,SPLIT,WARPS,STAGES[,UNPACK]"``: one fused-kernel config
   for every M instead of the table (tuning).
-* ``VLLM_DPQ_TRITON_DEQUANT_M`` (default 1024): from this M on, with bf16 activations,
+* ``DPQ_TRITON_DEQUANT_M`` (default 1024): from this M on, with bf16 activations,
   ``linear`` dequantizes the weight to FP8 once per call (a memory-bound kernel) and runs one
   ``torch._scaled_mm`` (cuBLASLt FP8) instead of the fused kernel: at large M the GEMM
   dominates and the dequantization costs about 325/M of it on an H100, so cuBLASLt's FP8 GEMM
   is expected to win there (not yet measured: benchmarks/gemm.py times both paths at every M
   so the threshold can be set from data). Same numerics. A huge value keeps the fused kernel.
-* ``VLLM_DPQ_TRITON_RNE`` = ``auto`` (default), ``hw`` or ``emulate``: which FP8 roundings use
+* ``DPQ_TRITON_RNE`` = ``auto`` (default), ``hw`` or ``emulate``: which FP8 roundings use
   the exact integer emulation and which the hardware conversion (``rne_modes``).
 
 Configs: a small table by M (``CONFIG_TABLE``/``pick_config``): BLOCK_M 16-64 with split-K
@@ -28,13 +28,16 @@ e4m3, sm_100 tcgen05 f8f6f4.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-ENV_RNE = "VLLM_DPQ_TRITON_RNE"  # "auto" (default), "hw" or "emulate": see rne_modes()
-ENV_CONFIG = "VLLM_DPQ_TRITON_CONFIG"
-ENV_DEQUANT_M = "VLLM_DPQ_TRITON_DEQUANT_M"  # M from which dequantize + torch._scaled_mm is used
+from vllm_dpq import env as dpq_env
+
+ENV_RNE = "DPQ_TRITON_RNE"  # "auto" (default), "hw" or "emulate": see rne_modes()
+ENV_CONFIG = "DPQ_TRITON_CONFIG"
+ENV_DEQUANT_M = "DPQ_TRITON_DEQUANT_M"  # M from which dequantize + torch._scaled_mm is used
 DEFAULT_DEQUANT_M = 1024
 RNE_MODES = ("auto", "hw", "emulate")
 SPLIT_K_CHOICES = (1, 2, 4, 8, 16)
@@ -89,7 +92,7 @@ class TritonConfig:
 
 
 def parse_config(spec: str | None) -> TritonConfig | None:
-    """$VLLM_DPQ_TRITON_CONFIG ("BM,BN,BK,SPLIT,WARPS,STAGES[,UNPACK]") -> a config, or None if unset."""
+    """$DPQ_TRITON_CONFIG ("BM,BN,BK,SPLIT,WARPS,STAGES[,UNPACK]") -> a config, or None if unset."""
     if not spec:
         return None
     parts = [p.strip() for p in spec.split(",")]
@@ -102,7 +105,7 @@ def parse_config(spec: str | None) -> TritonConfig | None:
 
 
 def parse_dequant_m(raw: str | None) -> int:
-    """$VLLM_DPQ_TRITON_DEQUANT_M -> the smallest M served by dequantize-to-FP8 + torch._scaled_mm
+    """$DPQ_TRITON_DEQUANT_M -> the smallest M served by dequantize-to-FP8 + torch._scaled_mm
     instead of the fused kernel (default 1024)."""
     raw = str(DEFAULT_DEQUANT_M) if raw is None else raw
     try:
@@ -112,7 +115,7 @@ def parse_dequant_m(raw: str | None) -> int:
 
 
 def rne_modes(mode: str = "auto", interpreter: bool = False) -> tuple[bool, bool]:
-    """(activation kernel emulates RNE, weight tiles emulate RNE) for $VLLM_DPQ_TRITON_RNE = mode.
+    """(activation kernel emulates RNE, weight tiles emulate RNE) for $DPQ_TRITON_RNE = mode.
 
     auto (default): activations always use the exact integer emulation (the activation kernel
     is memory-bound, so it costs nothing, and it does not depend on how a Triton version lowers
@@ -132,17 +135,17 @@ def rne_modes(mode: str = "auto", interpreter: bool = False) -> tuple[bool, bool
 class TritonSettings:
     """The backend's environment, resolved once per layer (in ``prepare``)."""
 
-    config: TritonConfig | None  # $VLLM_DPQ_TRITON_CONFIG: the fused kernel's config at every M
-    dequant_m: int  # $VLLM_DPQ_TRITON_DEQUANT_M
-    emulate_act_rne: bool  # $VLLM_DPQ_TRITON_RNE (and the interpreter): see rne_modes()
+    config: TritonConfig | None  # $DPQ_TRITON_CONFIG: the fused kernel's config at every M
+    dequant_m: int  # $DPQ_TRITON_DEQUANT_M
+    emulate_act_rne: bool  # $DPQ_TRITON_RNE (and the interpreter): see rne_modes()
     emulate_weight_rne: bool
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TritonSettings:
         """Read and validate the three variables (a bad value raises here, at load)."""
-        env = os.environ if environ is None else environ
-        act, weight = rne_modes(env.get(ENV_RNE, "auto"), interpreting(env))
-        return cls(parse_config(env.get(ENV_CONFIG)), parse_dequant_m(env.get(ENV_DEQUANT_M)), act, weight)
+        read = functools.partial(dpq_env.get, environ=environ)
+        act, weight = rne_modes(read(ENV_RNE, "auto"), interpreting(environ))
+        return cls(parse_config(read(ENV_CONFIG)), parse_dequant_m(read(ENV_DEQUANT_M)), act, weight)
 
 
 # M bucket -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Chosen from offline
@@ -163,7 +166,7 @@ def pick_config(m: int, n: int, k: int, num_sms: int = 132) -> TritonConfig:
     split-K so that about two programs per SM stream INT4 words; the split-K workspace
     (SPLIT*M*N*4 bytes, written and read once) is kept under a quarter of the weight bytes.
     Prefill is bound by the FP8 MMA and the dequantization ALU work: bigger tiles amortise the
-    dequantization of each weight tile over BLOCK_M rows. (The $VLLM_DPQ_TRITON_CONFIG override
+    dequantization of each weight tile over BLOCK_M rows. (The $DPQ_TRITON_CONFIG override
     is applied by the caller, from ``TritonSettings.config``.)"""
     for limit, (bm, bn, bk, warps, stages) in CONFIG_TABLE:
         if limit is None or m <= limit:

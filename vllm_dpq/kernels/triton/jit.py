@@ -30,14 +30,14 @@ What runs per forward (DPQ spec section 1, exactly):
 
 FP8 rounding (``config.rne_modes``, chosen once in ``prepare``). Activations are rounded by an
 exact integer emulation of round-to-nearest-even (``to_fp8`` with EMULATE_RNE, which builds the
-e4m3 byte itself), in every mode but ``VLLM_DPQ_TRITON_RNE=hw``: the activation kernel is
+e4m3 byte itself), in every mode but ``DPQ_TRITON_RNE=hw``: the activation kernel is
 memory-bound, and the result then does not depend on how a Triton version lowers
 ``x.to(tl.float8e4nv)``. That lowering is ``cvt.rn.satfinite.e4m3x2.f32`` (RNE) on
 sm_89/90/100 in Triton 3.9 and on sm_90 in 3.6, but Triton 3.6 on sm_89 truncates to fp16 first
 (``cvt.rz.f16.f32`` then ``cvt.rn.satfinite.e4m3x2.f16x2``), a double rounding that is wrong
 for values just above a midpoint. Weight tiles use the hardware conversion: q * s_g has at most
 11 significant bits, so it is exact in fp16 and every lowering rounds it correctly
-(``VLLM_DPQ_TRITON_RNE=emulate`` emulates there too). Triton's CPU interpreter
+(``DPQ_TRITON_RNE=emulate`` emulates there too). Triton's CPU interpreter
 (``TRITON_INTERPRET=1``; seen in Triton 3.6.0 and 3.9.0) converts fp32 -> fp8 wrongly: ties
 away from zero (-400 -> -416, RNE gives -384) and the mantissa carry into the exponent dropped
 (126.6 -> 64, not 128), 1494 of 11012 probe values; 3.6 also loses the sign of -0.0. So under

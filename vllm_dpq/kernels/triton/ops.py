@@ -11,7 +11,7 @@ state holds no reference to the checkpoint tensors, so the caller may free them.
 also holds the backend's environment, resolved there once (``config.TritonSettings``).
 
 Paths (``linear``): "fused" = ``quantize_activation_fp8`` + ``gemm`` (the fused kernel, split-K
-for decode); "dequant" (``linear_dequant``, from M >= $VLLM_DPQ_TRITON_DEQUANT_M with bf16
+for decode); "dequant" (``linear_dequant``, from M >= $DPQ_TRITON_DEQUANT_M with bf16
 activations) = the whole weight dequantized to FP8 once per call + one ``torch._scaled_mm``
 (cuBLASLt FP8). Same numerics.
 """
@@ -155,7 +155,7 @@ def gemm(xq: torch.Tensor, sx: torch.Tensor, state: TritonState, bias: torch.Ten
          out_dtype: torch.dtype = torch.bfloat16, config: TritonConfig | None = None) -> torch.Tensor:
     """Fused: Y [M, N] = (X8 @ W8^T) * s_x[:, None] * s_w[None, :] (+ bias), W8 dequantized
     tile by tile from the packed INT4 weight. Config: ``config``, else the state's
-    $VLLM_DPQ_TRITON_CONFIG, else the table's row for this M."""
+    $DPQ_TRITON_CONFIG, else the table's row for this M."""
     m, k = xq.shape
     if k != state.k:
         raise ValueError(f"x has K={k}, the weight K={state.k}")
