@@ -1,5 +1,7 @@
 """Every backend against the one reference (numerics.reference_linear), and the dispatch."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -168,6 +170,41 @@ def test_cpu_kernel_quantizes_activations_exactly(x_dtype, m, k, isa):
         x8, s_x = isa.quantize(x, s, 448.0)
         assert activation_mismatch(x8.to(FP8_DTYPE), s_x.reshape(-1), x, s, 448.0) is None
 
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("path", ["kernel", "dequant"])
+@pytest.mark.parametrize("n,k,g", [(40, 72, 24), (48, 160, 32), (17, 101, -1)])
+def test_cpu_grouped_linear_equals_each_experts_call(n, k, g, path, static, x_dtype, isa, monkeypatch):
+    """A MoE projection's experts in one grouped kernel call (cpu.CpuExperts, rows grouped by
+    expert, experts without rows among them) give every row the bits of its own expert's
+    CpuBackend.apply, which the tests above hold against the reference; with AMX (forced here)
+    an expert with enough rows takes the dequantize path, the others the kernel's GEMM."""
+    monkeypatch.setenv(cpu.ENV_GEMM, isa_gemm(isa.isa()))
+    cpu_path(monkeypatch, path)
+    monkeypatch.setattr(cpu, "AMX_DEQUANT_MIN_M", 6)  # experts of 6+ rows: dequantize path
+    counts = [3, 0, 9, 1, 6, 0]
+    made = [make(n, k, Scheme(group_size=g, weight_scale="channel" if g == -1 else "tensor"), static, seed=e,
+                  m=max(c, 1), dtype=x_dtype) for e, c in enumerate(counts)]
+    packed = torch.stack([w.packed for *_, w in made])
+    group_scale = torch.stack([w.group_scale for *_, w in made])
+    states = []
+    for e, (*_, w) in enumerate(made):
+        w.packed, w.group_scale = packed[e], group_scale[e]  # views of the stacked tensors, as vLLM loads them
+        states.append(BACKENDS["cpu"].prepare(w))
+    experts = cpu.stack_experts(states, packed, group_scale)
+    x = torch.cat([x[:c] for (_, x, *_), c in zip(made, counts)])
+    offsets = torch.tensor([0, *itertools.accumulate(counts)])
+    y = experts.apply(x, offsets)
+    assert y.dtype == x_dtype and y.shape == (sum(counts), n)
+    for e, (state, c) in enumerate(zip(states, counts)):
+        rows = slice(offsets[e], offsets[e + 1])
+        assert torch.equal(y[rows], BACKENDS["cpu"].apply(state, x[rows])), e
+    with pytest.raises(RuntimeError, match="offsets"):
+        experts.apply(x, offsets.flip(0))
+    with pytest.raises(ValueError, match="packed"):
+        cpu.stack_experts(states[::-1], packed, group_scale)
 
 def test_cpu_backend_without_its_kernel(monkeypatch):
     """Where the kernel cannot be built the backend computes the same numerics with torch ops."""

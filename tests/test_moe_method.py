@@ -21,6 +21,7 @@ pytest.importorskip("vllm")
 from calibration.algorithms import quantize_rtn  # noqa: E402
 from conftest import free_port, vllm_distributed  # noqa: E402
 from vllm_dpq.format import CheckpointError, layer_tensors  # noqa: E402
+from vllm_dpq.kernels import cpu  # noqa: E402
 from vllm_dpq.numerics import Scheme, reference_linear  # noqa: E402
 
 E, TOP_K, H, I = 8, 2, 72, 64  # H = 72: a ragged last group at G = 32 / 64 (K = H is never split)
@@ -150,6 +151,14 @@ def test_moe_matches_reference(tp1, monkeypatch, scheme_name, backend):
     y = experts_layer.quant_method.apply(experts_layer, x, topk_weights, topk_ids, None, None)
     assert y.dtype == torch.bfloat16 and y.shape == x.shape
     assert_close_to(y, reference(x, topk_weights, topk_ids, experts, cfg.scheme, names))
+    if backend == "cpu" and cpu.kernels() is not None:  # the fused path: two grouped kernel calls,
+        assert experts_layer._dpq_grouped is not None  # each row computed as by its expert's own call
+        grouped, experts_layer._dpq_grouped = experts_layer._dpq_grouped, None
+        try:
+            per_expert = experts_layer.quant_method.apply(experts_layer, x, topk_weights, topk_ids, None, None)
+        finally:
+            experts_layer._dpq_grouped = grouped
+        assert torch.equal(y, per_expert)
 
 
 def test_per_tensor_weight_scales_expanded_per_channel(tp1):

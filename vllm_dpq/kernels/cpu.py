@@ -194,3 +194,35 @@ class CpuBackend(Backend):
                          w.input_scale, bias, w.k, w.group_size, w.fp8_max, state.gemm_dtype == torch.bfloat16,
                          state.dequant_min_m)
         return y if flat else y.reshape(*x.shape[:-1], -1)
+
+
+@dataclass
+class CpuExperts:
+    """One projection (w13 or w2) of a mixture-of-experts layer's experts, stacked for one
+    grouped kernel call (``ops.grouped_linear``): row for row the computation of each expert's
+    own ``CpuBackend.apply``, in one parallel region instead of one call per expert."""
+    packed: torch.Tensor  # int32 [E, N, ceil(K/8)]: the experts' packed weights, as loaded
+    group_scale: torch.Tensor  # [E, N, ceil(K/G)]
+    weight_scale: torch.Tensor  # fp32 [E, 1] or [E, N]
+    input_scale: torch.Tensor | None  # fp32 [E] (static activations)
+    state: CpuState  # the first expert's: K, group, fp8_max, GEMM dtype, dequantize threshold
+
+    def apply(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Rows [offsets[e], offsets[e+1]) of x (2-D, grouped by expert) times expert e."""
+        s, w = self.state, self.state.weights
+        return torch.ops.vllm_dpq_cpu.grouped_linear(x, offsets, self.packed, self.group_scale, self.weight_scale,
+                                                      self.input_scale, w.k, w.group_size, w.fp8_max,
+                                                      s.gemm_dtype == torch.bfloat16, s.dequant_min_m)
+
+
+def stack_experts(states: list[CpuState], packed: torch.Tensor, group_scale: torch.Tensor) -> CpuExperts | None:
+    """The experts' CpuStates (expert e's weights: packed[e], group_scale[e]) as one grouped
+    call; None where the kernel is unavailable (each expert then runs the torch fallback)."""
+    if any(s.linear is None for s in states):
+        return None
+    ws = [s.weights for s in states]
+    if len(ws) != packed.shape[0] or any(w.packed.data_ptr() != p.data_ptr() or w.group_scale.data_ptr() != g.data_ptr()
+                                         for w, p, g in zip(ws, packed, group_scale)):
+        raise ValueError("stack_experts: expert e's weights must be packed[e] and group_scale[e]")
+    s_x = None if ws[0].input_scale is None else torch.cat([w.input_scale.reshape(1) for w in ws])
+    return CpuExperts(packed, group_scale, torch.stack([w.weight_scale.reshape(-1) for w in ws]), s_x, states[0])

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, MoEActivation, UnquantizedFusedMoEMethod
 from vllm.model_executor.utils import set_weight_attrs
 
+from vllm_dpq.kernels.cpu import CpuExperts, stack_experts
 from vllm_dpq.format import GROUP_SCALE, INPUT_SCALE, PACKED, WEIGHT_SCALE, CheckpointError
 from vllm_dpq.plugin.linear_method import check_partition, free_weight_data, mismatch_warner, prepare_backend
 from vllm_dpq.plugin.schemes import DPQScheme, nan_filled
@@ -187,6 +188,7 @@ class DPQMoEMethod(FusedMoEMethodBase):
                 gemms.append(prepare_backend(weights, device))
             experts.append(tuple(gemms))
         layer._dpq_experts = experts  # [(w13 (backend, state), w2 (backend, state))] per local expert
+        layer._dpq_grouped = _grouped(layer, experts)
         _LAYERS[self.prefix] = layer
         if not any(b.keeps_packed(s) for gemms in experts for b, s in gemms):  # the backend made its own copies
             free_weight_data(layer, [f"{g}_{n}" for g in ("w13", "w2") for n in (PACKED, GROUP_SCALE)])
@@ -200,24 +202,42 @@ class DPQMoEMethod(FusedMoEMethodBase):
         return torch.ops.vllm_dpq.moe_experts(x, topk_weights, topk_ids, self.prefix)
 
 
+def _grouped(layer, experts) -> tuple[CpuExperts, CpuExperts] | None:
+    """(w13, w2) as grouped CPU kernel calls where every expert runs on the cpu backend's kernel,
+    else None (one backend call per expert and projection)."""
+    if any(backend.name != "cpu" for gemms in experts for backend, _ in gemms):
+        return None
+    grouped = [stack_experts([gemms[j][1] for gemms in experts], getattr(layer, f"{group}_{PACKED}").data,
+                             getattr(layer, f"{group}_{GROUP_SCALE}").data) for j, group in enumerate(("w13", "w2"))]
+    return None if None in grouped else tuple(grouped)
+
+
 # prefix -> loaded MoE layer, for the custom op (weak: a shut-down engine's layers are freed)
 _LAYERS: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
 
 
 @torch.library.custom_op("vllm_dpq::moe_experts", mutates_args=())
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: str) -> torch.Tensor:
-    """sum over the top-k experts of weight * down(silu(gate(x)) * up(x)), grouped per expert."""
+    """sum over the top-k experts of weight * down(silu(gate(x)) * up(x)), grouped per expert:
+    on the cpu backend's kernel two grouped calls (every expert's gate_up, then every expert's
+    down), else two backend calls per expert with tokens. Both compute each row alike."""
     layer = _LAYERS[layer]
     top_k = topk_ids.shape[-1]
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-    counts = torch.bincount(flat, minlength=len(layer._dpq_experts)).tolist()
+    counts = torch.bincount(flat, minlength=len(layer._dpq_experts))
     tokens = order // top_k
     weights = topk_weights.reshape(-1)[order].float()
     i = layer.intermediate_size_per_partition
     out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
+    if layer._dpq_grouped is not None:
+        w13, w2 = layer._dpq_grouped
+        offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        gate_up = w13.apply(x[tokens], offsets)
+        y = w2.apply(F.silu(gate_up[:, :i]) * gate_up[:, i:], offsets)
+        return out.index_add_(0, tokens, y.float() * weights[:, None]).to(x.dtype)
     start = 0
-    for (w13, w2), count in zip(layer._dpq_experts, counts):
+    for (w13, w2), count in zip(layer._dpq_experts, counts.tolist()):
         if count == 0:
             continue
         rows = slice(start, start + count)

@@ -222,10 +222,12 @@ Weights weights_of(const at::Tensor& packed, const at::Tensor& group_scale, int6
 }
 
 // x [M, K] -> (x8 [M, ld] FP8 values in dtype (fp32 or bf16), zero beyond K, in the bf16 GEMM's
-// pair order if asked; s_x fp32 [M])
+// pair order if asked; s_x fp32 [M]). A static input scale has one element, or one per row
+// segment [offsets[i], offsets[i+1]) when offsets (a grouped call's experts) are given.
 std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10::optional<at::Tensor>& input_scale,
                                                  double fp8_max, int64_t ld, at::ScalarType dtype,
-                                                 bool pair_order = false) {
+                                                 bool pair_order = false,
+                                                 const std::vector<int64_t>* offsets = nullptr) {
   TORCH_CHECK(x.dim() == 2, "activations must be 2-D");
   const at::Tensor xc = x.contiguous();
   const int64_t m = xc.size(0), k = xc.size(1);
@@ -233,9 +235,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10:
   at::Tensor sx = at::empty({m}, xc.options().dtype(at::kFloat));
   at::Tensor st;
   const float* sp = nullptr;
+  const std::vector<int64_t> whole{0, m};
+  const std::vector<int64_t>& segs = offsets ? *offsets : whole;
   if (input_scale.has_value()) {
     st = input_scale->to(at::kFloat).contiguous();
-    TORCH_CHECK(st.numel() == 1, "static input scale must have one element");
+    TORCH_CHECK(st.numel() == (offsets ? (int64_t)segs.size() - 1 : 1),
+                "static input scale must have one element (one per expert in a grouped call)");
     sp = st.data_ptr<float>();
   }
   TORCH_CHECK(xc.scalar_type() == at::kFloat || xc.scalar_type() == at::kBFloat16 || xc.scalar_type() == at::kHalf,
@@ -245,10 +250,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10:
   // a parallel region costs microseconds: rows of fewer than 2^15 values in all stay on this thread
   at::parallel_for(0, m, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
     auto run = [&](auto* o) {
-      switch (xc.scalar_type()) {
-        case at::kFloat: DPQ_ISA(quantize_rows(xc.data_ptr<float>(), k, fm, sp, o, ld, s, m0, m1, pair_order)); break;
-        case at::kBFloat16: DPQ_ISA(quantize_rows(xc.data_ptr<c10::BFloat16>(), k, fm, sp, o, ld, s, m0, m1, pair_order)); break;
-        default: DPQ_ISA(quantize_rows(xc.data_ptr<c10::Half>(), k, fm, sp, o, ld, s, m0, m1, pair_order));
+      for (size_t g = 0; g + 1 < segs.size(); ++g) {  // the row segments within [m0, m1)
+        const int64_t r0 = std::max(m0, segs[g]), r1 = std::min(m1, segs[g + 1]);
+        if (r0 >= r1) continue;
+        const float* gs = sp ? sp + (offsets ? g : 0) : nullptr;
+        switch (xc.scalar_type()) {
+          case at::kFloat: DPQ_ISA(quantize_rows(xc.data_ptr<float>(), k, fm, gs, o, ld, s, r0, r1, pair_order)); break;
+          case at::kBFloat16: DPQ_ISA(quantize_rows(xc.data_ptr<c10::BFloat16>(), k, fm, gs, o, ld, s, r0, r1, pair_order)); break;
+          default: DPQ_ISA(quantize_rows(xc.data_ptr<c10::Half>(), k, fm, gs, o, ld, s, r0, r1, pair_order));
+        }
       }
     };
     if (dtype == at::kFloat) {
@@ -295,10 +305,96 @@ void epilogue(const at::Tensor& acc, const Epilogue& e, at::Tensor& y) {
   });
 }
 
-// y = W4A8(x [M, K], weights) in x's dtype, numerics.w4a8_matmul with fp32 accumulation. The
-// kernel's own GEMM (dpq_cpu_isa.h): FP8 weight tiles made from the INT4 codes, fp32 FMA or,
-// with gemm_bf16 (AVX512-BF16), bf16 pair dot products; batch-invariant. M >= dequant_min_m
-// (> 0): the weights dequantized once to the GEMM dtype and torch's GEMM (oneDNN: AMX tiles).
+// One GEMM of a kernel call: rows [m0, m1) of the activations times one weight set (an expert's).
+struct Group {
+  Weights w;
+  Epilogue e;
+  int64_t m0, m1;
+};
+
+// y[m0:m1] = epilogue(x8[m0:m1] . W^T) for every group, in one parallel region: the kernel's own
+// GEMM (dpq_cpu_isa.h), FP8 weight tiles made from the INT4 codes, fp32 FMA or bf16 pair dot
+// products (pairs); each output summed over K in one fixed order (batch-invariant).
+void gemm_groups(const std::vector<Group>& groups, const slot_t* xp, int64_t ldx, bool pairs, at::Tensor& y) {
+  constexpr int64_t MC = 1024;  // activation rows per task: its tile is made once per MC rows
+  const int64_t nr = isa() == Isa::avx2 ? avx2::NR : avx512::NR;
+  // tasks (row chunk x block of nr weight rows) of group g: [first[g], first[g + 1])
+  std::vector<int64_t> first{0};
+  int64_t work = 0;
+  for (const Group& g : groups) {
+    const int64_t m = g.m1 - g.m0, nblocks = (g.w.n + nr - 1) / nr;
+    first.push_back(first.back() + (m + MC - 1) / MC * nblocks);
+    // multiply-adds, making a tile counted as ~22 per weight (0.35 cycles at 64 per cycle)
+    work += nblocks * nr * g.w.k * (22 * ((m + MC - 1) / MC) + m);
+  }
+  const int64_t tasks = first.back();
+  if (tasks == 0) return;
+  // at least 2^18 multiply-adds per thread, so that small layers stay on this thread
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, work / tasks));
+  // Tasks are taken one at a time from a shared counter, so a core slowed by other load takes
+  // fewer of them instead of stalling the call; a thread takes its next task before making this
+  // one's tile, whose build prefetches the next task's weights (same group only). Any thread
+  // computes a task alike.
+  auto locate = [&](int64_t t, int64_t& m0, int64_t& m1, int64_t& n0) -> size_t {
+    const size_t g = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+    const int64_t local = t - first[g], nblocks = (groups[g].w.n + nr - 1) / nr;
+    m0 = groups[g].m0 + local / nblocks * MC;
+    m1 = std::min(groups[g].m1, m0 + MC);
+    n0 = local % nblocks * nr;
+    return g;
+  };
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, tasks, grain, [&](int64_t, int64_t) {
+    thread_local std::vector<uint32_t> tile;
+    for (int64_t t = next++, t_next; t < tasks; t = t_next) {
+      t_next = next++;
+      int64_t m0, m1, n0, pm0, pm1, pn0;
+      const size_t g = locate(t, m0, m1, n0);
+      const Weights& w = groups[g].w;
+      const int64_t pf = t_next < tasks && locate(t_next, pm0, pm1, pn0) == g ? pn0 : w.n;  // w.n: none
+      auto run = [&](auto* yp) {
+        using T = std::remove_pointer_t<decltype(yp)>;
+        if (pairs) {
+          avx512bf16::gemm_block<true, T>(w, xp, ldx, m0, m1, n0, pf, groups[g].e, yp, tile);
+        } else {
+          DPQ_ISA(gemm_block<false, T>(w, xp, ldx, m0, m1, n0, pf, groups[g].e, yp, tile));
+        }
+      };
+      switch (y.scalar_type()) {
+        case at::kFloat: run(y.data_ptr<float>()); break;
+        case at::kBFloat16: run(y.data_ptr<c10::BFloat16>()); break;
+        default: run(y.data_ptr<c10::Half>());
+      }
+    }
+  });
+}
+
+// The kernel's GEMM for row segments [offsets[g], offsets[g+1]) of x, segment g times weight set
+// g (weights[g], epilogues[g]: their s_x pointer is filled here), but the segments in skip (their
+// rows of y are left unwritten); y in x's dtype.
+at::Tensor gemm(const at::Tensor& x, const std::vector<int64_t>& offsets, const std::vector<Weights>& weights,
+                std::vector<Epilogue> epilogues, const c10::optional<at::Tensor>& input_scale, double fp8_max,
+                bool gemm_bf16, int64_t n, const std::vector<int64_t>& skip = {}) {
+  const int64_t k = weights.front().k;
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  // bf16 pair slots where groups are whole 32-column chunks, else fp32 (the same exact products)
+  const bool pairs = gemm_bf16 && avx512bf16::chunks32_ok(weights.front());
+  const int64_t ldx = pairs ? (k + 31) / 32 * 16 : k;  // slots per activation row
+  auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, pairs ? 2 * ldx : ldx, pairs ? at::kBFloat16 : at::kFloat,
+                                pairs, offsets.size() > 2 ? &offsets : nullptr);
+  std::vector<Group> groups;
+  for (size_t g = 0; g < weights.size(); ++g) {
+    if (offsets[g] == offsets[g + 1] || std::find(skip.begin(), skip.end(), (int64_t)g) != skip.end()) continue;
+    epilogues[g].sx = sx.data_ptr<float>();
+    groups.push_back(Group{weights[g], epilogues[g], offsets[g], offsets[g + 1]});
+  }
+  gemm_groups(groups, static_cast<const slot_t*>(x8.data_ptr()), ldx, pairs, y);
+  return y;
+}
+
+// y = W4A8(x [M, K], weights) in x's dtype, numerics.w4a8_matmul with fp32 accumulation: the
+// kernel's own GEMM (gemm_groups), or from M >= dequant_min_m (> 0) the weights dequantized once
+// to the GEMM dtype and torch's GEMM (oneDNN: AMX tiles).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& group_scale,
                   const at::Tensor& weight_scale, const c10::optional<at::Tensor>& input_scale,
                   const c10::optional<at::Tensor>& bias, int64_t k, int64_t group, double fp8_max, bool gemm_bf16,
@@ -311,11 +407,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   TORCH_CHECK(sw.numel() == 1 || sw.numel() == w.n, "weight scale must have 1 or N elements");
   c10::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({m, w.n}, x.options());
-  if (m == 0) return y;
   Epilogue e{nullptr, sw.data_ptr<float>(), sw.numel() > 1, b.has_value() ? b->data_ptr<float>() : nullptr, w.n};
-  const at::ScalarType dt = gemm_bf16 ? at::kBFloat16 : at::kFloat;
   if (dequant_min_m > 0 && m >= dequant_min_m) {
+    at::Tensor y = at::empty({m, w.n}, x.options());
+    const at::ScalarType dt = gemm_bf16 ? at::kBFloat16 : at::kFloat;
     auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, k, dt);
     e.sx = sx.data_ptr<float>();
     at::Tensor acc = at::mm(x8, dequantize(packed, group_scale, k, group, fp8_max, dt).t());
@@ -326,44 +421,48 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
     }
     return y;
   }
-  // bf16 pair slots where groups are whole 32-column chunks, else fp32 (the same exact products)
-  const bool pairs = gemm_bf16 && avx512bf16::chunks32_ok(w);
-  const int64_t ldx = pairs ? (k + 31) / 32 * 16 : k;  // slots per activation row
-  auto [x8, sx] =
-      quantize_impl(x, input_scale, fp8_max, pairs ? 2 * ldx : ldx, pairs ? at::kBFloat16 : at::kFloat, pairs);
-  e.sx = sx.data_ptr<float>();
-  const slot_t* xp = static_cast<const slot_t*>(x8.data_ptr());
-  constexpr int64_t MC = 1024;  // activation rows per task: its tile is made once per MC rows
-  const int64_t nr = isa() == Isa::avx2 ? avx2::NR : avx512::NR;
-  const int64_t nblocks = (w.n + nr - 1) / nr, tasks = (m + MC - 1) / MC * nblocks;
-  // work of a task in multiply-adds, making its tile counted as ~22 per weight (0.35 cycles at
-  // 64 per cycle); at least 2^18 per thread, so that small layers stay on this thread
-  const int64_t task_work = nr * k * (22 + std::min(m, MC));
-  // Tasks are taken one at a time from a shared counter, so a core slowed by other load takes
-  // fewer of them instead of stalling the call; a thread takes its next task before making this
-  // one's tile, whose build prefetches the next task's weights. Any thread computes a task alike.
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, tasks, std::max<int64_t>(1, (1 << 18) / task_work), [&](int64_t, int64_t) {
-    thread_local std::vector<uint32_t> tile;
-    for (int64_t t = next++, t_next; t < tasks; t = t_next) {
-      t_next = next++;
-      const int64_t m0 = t / nblocks * MC, m1 = std::min(m, m0 + MC), n0 = t % nblocks * nr;
-      const int64_t pf = t_next < tasks ? t_next % nblocks * nr : w.n;  // rows to prefetch (w.n: none)
-      auto run = [&](auto* yp) {
-        using T = std::remove_pointer_t<decltype(yp)>;
-        if (pairs) {
-          avx512bf16::gemm_block<true, T>(w, xp, ldx, m0, m1, n0, pf, e, yp, tile);
-        } else {
-          DPQ_ISA(gemm_block<false, T>(w, xp, ldx, m0, m1, n0, pf, e, yp, tile));
-        }
-      };
-      switch (y.scalar_type()) {
-        case at::kFloat: run(y.data_ptr<float>()); break;
-        case at::kBFloat16: run(y.data_ptr<c10::BFloat16>()); break;
-        default: run(y.data_ptr<c10::Half>());
-      }
-    }
-  });
+  return gemm(x, {0, m}, {w}, {e}, input_scale, fp8_max, gemm_bf16, w.n);
+}
+
+// A mixture-of-experts layer's projection in one call: rows [offsets[e], offsets[e+1]) of x (the
+// tokens routed to expert e, grouped) times expert e's weights (packed [E, N, ceil(K/8)], group
+// scales [E, N, ceil(K/G)], weight scales fp32 [E, 1] or [E, N], static input scales [E] or none).
+// Row for row the same computation as linear() with that expert's weights; an expert with at
+// least dequant_min_m (> 0) rows goes through linear()'s dequantize + torch GEMM path.
+at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& packed,
+                          const at::Tensor& group_scale, const at::Tensor& weight_scale,
+                          const c10::optional<at::Tensor>& input_scale, int64_t k, int64_t group, double fp8_max,
+                          bool gemm_bf16, int64_t dequant_min_m) {
+  TORCH_CHECK(packed.dim() == 3 && group_scale.dim() == 3 && weight_scale.dim() == 2,
+              "grouped weights must be packed [E, N, K/8], group scales [E, N, G], weight scales [E, 1 or N]");
+  const int64_t experts = packed.size(0), n = packed.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "activations must be [M, ", k, "]");
+  TORCH_CHECK(!gemm_bf16 || isa() == Isa::avx512bf16, "a bf16 GEMM needs the avx512bf16 kernel, not ", isa_name());
+  const at::Tensor off = offsets.to(at::kLong).contiguous();
+  TORCH_CHECK(off.numel() == experts + 1, "offsets must have E + 1 elements");
+  std::vector<int64_t> o(off.data_ptr<int64_t>(), off.data_ptr<int64_t>() + experts + 1);
+  TORCH_CHECK(o.front() == 0 && o.back() == x.size(0) && std::is_sorted(o.begin(), o.end()),
+              "offsets must rise from 0 to the number of rows");
+  const at::Tensor sw = weight_scale.to(at::kFloat).contiguous();
+  TORCH_CHECK(sw.size(0) == experts && (sw.size(1) == 1 || sw.size(1) == n), "weight scales must be [E, 1 or N]");
+  const at::Tensor xc = x.contiguous();
+  std::vector<Weights> weights;
+  std::vector<Epilogue> epilogues;
+  std::vector<int64_t> dequantized;  // experts whose rows go through linear()'s dequantize path
+  for (int64_t e = 0; e < experts; ++e) {
+    weights.push_back(weights_of(packed[e], group_scale[e], k, group, fp8_max));
+    epilogues.push_back(Epilogue{nullptr, sw.data_ptr<float>() + e * sw.size(1), sw.size(1) > 1, nullptr, n});
+    if (dequant_min_m > 0 && o[e + 1] - o[e] >= dequant_min_m) dequantized.push_back(e);
+  }
+  // one kernel region for the other experts (the rows of these are left to linear() below)
+  at::Tensor y = gemm(xc, o, weights, epilogues, input_scale, fp8_max, gemm_bf16, n, dequantized);
+  for (int64_t e : dequantized) {
+    c10::optional<at::Tensor> se;
+    if (input_scale.has_value()) se = input_scale->reshape({-1}).narrow(0, e, 1);
+    y.narrow(0, o[e], o[e + 1] - o[e]).copy_(linear(xc.narrow(0, o[e], o[e + 1] - o[e]), packed[e], group_scale[e],
+                                                     sw[e], se, c10::nullopt, k, group, fp8_max, gemm_bf16,
+                                                     dequant_min_m));
+  }
   return y;
 }
 
@@ -372,6 +471,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
 TORCH_LIBRARY(vllm_dpq_cpu, m) {
   m.def("linear(Tensor x, Tensor packed, Tensor group_scale, Tensor weight_scale, Tensor? input_scale, "
         "Tensor? bias, int k, int group, float fp8_max, bool gemm_bf16, int dequant_min_m) -> Tensor");
+  m.def("grouped_linear(Tensor x, Tensor offsets, Tensor packed, Tensor group_scale, Tensor weight_scale, "
+        "Tensor? input_scale, int k, int group, float fp8_max, bool gemm_bf16, int dequant_min_m) -> Tensor");
   m.def("quantize(Tensor x, Tensor? input_scale, float fp8_max) -> (Tensor, Tensor)");
   m.def("dequantize(Tensor packed, Tensor group_scale, int k, int group, float fp8_max, ScalarType dtype) -> Tensor");
   m.def("isa() -> str", &isa_name);
@@ -380,6 +481,7 @@ TORCH_LIBRARY(vllm_dpq_cpu, m) {
 
 TORCH_LIBRARY_IMPL(vllm_dpq_cpu, CPU, m) {
   m.impl("linear", &linear);
+  m.impl("grouped_linear", &grouped_linear);
   m.impl("quantize", &quantize);
   m.impl("dequantize", &dequantize);
 }
