@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 DEFAULT_MAX_MODEL_LEN = 2048  # the context asked of vLLM when the model allows more (KV cache on a small CPU)
+SHUTDOWN_TIMEOUT = 30  # s, at most, for the engine's processes to exit on their own at the end
 
 
 class GenerateError(ValueError):
@@ -76,6 +77,8 @@ def generate(checkpoint: str, prompts: list[str], max_tokens: int = 64, engine: 
 
         chat = use_chat(AutoTokenizer.from_pretrained(checkpoint), chat)  # before the engine starts
         args = {"enforce_eager": True, **cpu_engine_defaults()}
+        # the engine core waits this long for its worker to exit (vLLM's 5 s: cut short on a busy CPU)
+        os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", str(SHUTDOWN_TIMEOUT))
         llm = LLM(checkpoint, max_model_len=model_max_len(checkpoint, max_model_len, args.get("dtype")), **args)
         try:
             params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
@@ -85,9 +88,10 @@ def generate(checkpoint: str, prompts: list[str], max_tokens: int = 64, engine: 
                 outs = llm.generate(prompts, params, use_tqdm=False)
             return [o.outputs[0].text for o in outs]
         finally:
-            # stop the engine core now: left to interpreter exit, its process is killed first and
-            # vLLM's monitor reports "engine core exited unexpectedly"
-            llm.llm_engine.engine_core.shutdown()
+            # stop the engine core now, and give it the time to stop its worker: left to
+            # interpreter exit (or vLLM's 5 s), it is killed and vLLM reports "engine core exited
+            # unexpectedly" or force-kills it
+            llm.llm_engine.engine_core.shutdown(timeout=2 * SHUTDOWN_TIMEOUT)
 
     import torch
 
