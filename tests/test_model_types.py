@@ -2,7 +2,8 @@
 a tiny random model (hidden 128, 2 layers, vocab 512, bf16): quantize with ``vllm-dpq quantize
 --method dpq`` (called in process, 4 x 64 tokens), read the checkpoint, compare the reference
 forward with the fake-quantized Hugging Face model and the static scales with the whole model's
-activations, serve it with vLLM.
+activations, serve it with vLLM. The llama one (256 positions, a tokenizer without a chat
+template: a small base model) also goes through `vllm-dpq generate` in the same child.
 
 One tiny model per type, each with what makes its family different: Qwen2's q/k/v bias,
 Qwen3's q/k norms, Gemma's embedding scaling and 1 + w norms, Gemma2's alternating
