@@ -7,10 +7,12 @@ against the baseline's run i, minutes apart: robust to load that comes and goes)
 Workloads (synthetic token-id prompts from a fixed seed, temperature 0, ignore_eos):
   decode   32 requests x 64 input tokens x 128 output tokens
   prefill  16 requests x 512 input tokens x 16 output tokens
+  single    1 request  x 64 input tokens x 256 output tokens (single-stream decode, M = 1:
+           what one user chatting with the model sees)
 
     python benchmarks/throughput.py --config bf16=MODEL_DIR --config dpq=CKPT \\
         [--config bf16-fp32=MODEL_DIR:dtype=float32] [--config fp8=MODEL_DIR:quantization=fp8] \\
-        [--runs 3] [--workloads decode,prefill] [--modes compiled,eager] [--memory-only]
+        [--runs 3] [--workloads decode,prefill,single] [--modes compiled,eager] [--memory-only]
 
 A configuration is NAME=PATH[:KEY=VALUE,...]: upper-case keys are environment variables,
 lower-case keys are LLM() arguments. Each run also records the resident weight memory (every
@@ -36,7 +38,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKLOADS = {"decode": (32, 64, 128), "prefill": (16, 512, 16)}
+WORKLOADS = {"decode": (32, 64, 128), "prefill": (16, 512, 16), "single": (1, 64, 256)}
 MODES = ("compiled", "eager")
 
 RUNNER = r'''
@@ -189,7 +191,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", required=True, help="NAME=PATH[:KEY=VALUE,...]; first is the baseline")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--workloads", default="decode,prefill")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
     p.add_argument("--modes", default="compiled,eager",
                    help="compiled (vLLM's default, torch.compile) and/or eager (enforce_eager), comma-separated")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
@@ -203,6 +205,8 @@ def main() -> int:
         p.error(f"--modes: choose from {', '.join(MODES)}")
     if a.memory_only:  # the mode changes no weight
         return memory_only(configs, modes[0] == "eager", a)
+    if set(a.workloads.split(",")) - set(WORKLOADS):
+        p.error(f"--workloads: choose from {', '.join(WORKLOADS)}")
     workloads = {w: WORKLOADS[w] for w in a.workloads.split(",")}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     # one row per configuration and mode, e.g. "dpq (compiled)"; its ratio is to the first

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from calibration import CalibrationError
+from vllm_dpq.evaluate import text_ids
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 
@@ -92,5 +93,5 @@ def calibration_windows(tokenizer, source: str, num_samples: int = 128, seq_len:
                         seed: int = 0, text_field: str = "text") -> torch.Tensor:
     """[num_samples, seq_len] int64 token ids (no special tokens added)."""
     text = read_text(source, text_field)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(text_ids(tokenizer, text), dtype=torch.long)
     return token_windows(ids, num_samples, seq_len, seed)

@@ -64,18 +64,25 @@ def _quiet_threads():
 
 def save_tiny_model_dir(path: Path, arch: str = "llama", layers: int = 2, text: str | None = None,
                         dtype: torch.dtype = torch.float32, max_shard_size: str = "50GB", **config_kw) -> Path:
-    """A tiny random model + a small BPE tokenizer trained here, saved as a HF folder."""
+    """A tiny random model + a small BPE tokenizer trained here (its model_max_length the
+    model's max_position_embeddings, as real checkpoints have), saved as a HF folder."""
     model = tiny_model(arch, num_hidden_layers=layers, **config_kw).to(dtype)
     model.save_pretrained(path, max_shard_size=max_shard_size)
-    save_tokenizer(path, text)
+    save_tokenizer(path, text, model.config.max_position_embeddings)
     return path
 
 
-def save_tokenizer(path: Path, text: str | None = None) -> None:
-    """A small byte-level BPE tokenizer (512 tokens, <unk> <s> </s> = 0 1 2) trained on text, saved to path."""
+def save_tokenizer(path: Path, text: str | None = None, model_max_length: int | None = None) -> None:
+    """A small byte-level BPE tokenizer (512 tokens, <unk> <s> </s> = 0 1 2, no chat template)
+    trained on text, saved to path; ``model_max_length`` in its tokenizer_config.json if given."""
+    import json
+
     from benchmarks.synthetic_model import write_tokenizer
 
     write_tokenizer(path, text or "The quick brown fox jumps over the lazy dog. " * 50, vocab=512)
+    if model_max_length:
+        cfg = path / "tokenizer_config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "model_max_length": model_max_length}, indent=2))
 
 
 def fp8(x: torch.Tensor) -> torch.Tensor:

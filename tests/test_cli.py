@@ -34,7 +34,10 @@ def digest(folder: Path) -> dict:
 
 def test_quantize_and_inspect(tiny_dir, tmp_path):
     out = tmp_path / "ck"
-    quantize(tiny_dir, out, "--activations", "static")
+    r = quantize(tiny_dir, out, "--activations", "static")
+    # the whole calibration text is tokenized at once (far more than the tokenizer's
+    # model_max_length of 512), then cut into windows: no warning about the length
+    assert "longer than the specified maximum" not in r.stdout + r.stderr
     r = subprocess.run([*CLI, "inspect", str(out)], capture_output=True, text=True, check=True)
     assert "quantized layers 42" in r.stdout and "FP8 static" in r.stdout
     assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
@@ -127,3 +130,19 @@ def test_empty_data_and_unsupported_model(tiny_dir, tmp_path):
     r = subprocess.run([*CLI, "quantize", str(gpt2), str(tmp_path / "ck2"), "--data", str(empty)],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "not supported" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_chat_or_plain_completion(tiny_dir):
+    """`vllm-dpq generate`'s choice: the chat template where the tokenizer has one (auto), plain
+    completion where it has none; --chat without a template is a one-line error, --no-chat wins."""
+    from transformers import AutoTokenizer
+
+    from vllm_dpq.generate import GenerateError, use_chat
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    assert not tok.chat_template
+    assert use_chat(tok, None) is False and use_chat(tok, False) is False
+    with pytest.raises(GenerateError, match="no chat template.*--no-chat"):
+        use_chat(tok, True)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert use_chat(tok, None) is True and use_chat(tok, True) is True and use_chat(tok, False) is False

@@ -2,7 +2,8 @@
 a tiny random model (hidden 128, 2 layers, vocab 512, bf16): quantize with ``vllm-dpq quantize
 --method dpq`` (called in process, 4 x 64 tokens), read the checkpoint, compare the reference
 forward with the fake-quantized Hugging Face model and the static scales with the whole model's
-activations, serve it with vLLM.
+activations, serve it with vLLM. The llama one (256 positions, a tokenizer without a chat
+template: a small base model) also goes through `vllm-dpq generate` in the same child.
 
 One tiny model per type, each with what makes its family different: Qwen2's q/k/v bias,
 Qwen3's q/k norms, Gemma's embedding scaling and 1 + w norms, Gemma2's alternating
@@ -50,6 +51,7 @@ ARCHS = {
     "olmo2": (dict(), "dynamic"),
 }
 PROMPT_LENS = (5, 12, 40)  # the last one is beyond Gemma2's sliding window
+GENERATE_PROMPTS = ["The quick brown fox", "It is a truth universally acknowledged"]
 MAX_TOKENS = 8
 
 
@@ -188,10 +190,21 @@ def test_reference_is_the_fake_quantized_model(family, model_type):
 
 @pytest.fixture(scope="module")
 def served(family, tmp_path_factory) -> dict:
-    """model_type -> vLLM's greedy tokens and logprobs (or the error it raised), all from one child."""
+    """model_type -> vLLM's greedy tokens and logprobs (or the error it raised), all from one
+    child; and under "generate" what `vllm-dpq generate` did with the llama checkpoint (a base
+    model: 256 positions, no chat template), in the same child."""
+    import json
+    import shutil
+
     pytest.importorskip("vllm")
-    job = {"models": {t: str(ckpt) for t, (_, ckpt) in family.items()}, "prompts": prompts()}
-    run = engine.run_engine(__file__, job, tmp_path_factory.mktemp("archs-job"), engine.engine_env(in_process=True))
+    root = tmp_path_factory.mktemp("archs-job")
+    long = root / "llama-4096"  # a model allowing more than generate's default context
+    shutil.copytree(family["llama"][0], long)
+    cfg = json.loads((long / "config.json").read_text())
+    (long / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 4096}))
+    job = {"models": {t: str(ckpt) for t, (_, ckpt) in family.items()}, "prompts": prompts(),
+           "generate": {"model": str(family["llama"][1]), "long": str(long), "prompts": GENERATE_PROMPTS}}
+    run = engine.run_engine(__file__, job, root, engine.engine_env(in_process=True))
     return run.ok()
 
 
@@ -221,6 +234,31 @@ def test_vllm_matches_reference(family, served, model_type):
             max_gap=1.0, mean_diff=0.3, max_diff=1.2)
 
 
+@pytest.mark.slow
+def test_generate_base_model_with_short_context(family, served):
+    """`vllm-dpq generate` on a checkpoint whose config allows 256 positions and whose tokenizer
+    has no chat template: vLLM gets the model's 256 (not the default 2048, which vLLM refuses),
+    the prompts are completed as plain text; asking for more context than the model allows, or
+    for the chat template it lacks, is a one-line error (exit status 2) before any engine starts."""
+    from transformers import AutoTokenizer
+
+    res = served["generate"]
+    assert "error" not in res, res.get("error")
+    assert res["limit"] == 256 and res["long_limit"] == 2048 and res["asked"] == 200
+    texts = res["texts"]
+    assert len(texts) == len(GENERATE_PROMPTS) and all(isinstance(t, str) for t in texts)
+    # plain completion (the chat call would have raised): some text came back
+    tok = AutoTokenizer.from_pretrained(family["llama"][1])
+    assert sum(len(tok(t, add_special_tokens=False).input_ids) for t in texts) >= len(GENERATE_PROMPTS)
+    for case in ("too_long", "chat", "zero"):
+        rc, err = res[case]
+        assert rc == 2, (case, err)
+        assert "Traceback" not in err and len([x for x in err.splitlines() if x.startswith("error: ")]) == 1, err
+    assert "--max-model-len 1000 is more than this model allows (256 tokens" in res["too_long"][1]
+    assert "no chat template" in res["chat"][1] and "--no-chat" in res["chat"][1]
+    assert "positive" in res["zero"][1]
+
+
 # ----------------------------------------------------------------------------- the engine side
 
 
@@ -244,6 +282,34 @@ def run_job(job: dict) -> dict:
         toks = [list(o.outputs[0].token_ids) for o in outs]
         out[model_type] = {"tokens": toks, "logprobs": [[lp[t].logprob for t, lp in zip(ts, o.outputs[0].logprobs)]
                                                         for ts, o in zip(toks, outs)]}
+    if "generate" in job:
+        out["generate"] = run_generate(job["generate"])
+    return out
+
+
+def run_generate(job: dict) -> dict:
+    """`vllm-dpq generate`'s pieces on job["model"]: the context it asks for, the texts (default
+    settings: one engine), and the command's exit status and stderr on bad requests."""
+    import contextlib
+    import io
+    import traceback
+
+    from vllm_dpq.cli import main
+    from vllm_dpq.generate import generate, model_max_len
+
+    out = {}
+    try:
+        out["limit"], out["asked"] = model_max_len(job["model"]), model_max_len(job["model"], 200)
+        out["long_limit"] = model_max_len(job["long"])
+        for case, extra in (("too_long", ["--max-model-len", "1000"]), ("chat", ["--chat"]),
+                            ("zero", ["--max-model-len", "0"])):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                rc = main(["generate", job["model"], "--prompt", "Hello", "--engine", "vllm", *extra])
+            out[case] = [rc, err.getvalue()]
+        out["texts"] = generate(job["model"], job["prompts"], MAX_TOKENS, "vllm")
+    except Exception:
+        out["error"] = traceback.format_exc()[-4000:]
     return out
 
 

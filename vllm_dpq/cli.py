@@ -73,7 +73,8 @@ def cmd_ppl(args) -> int:
 def cmd_generate(args) -> int:
     from vllm_dpq.generate import generate
 
-    for prompt, text in zip(args.prompt, generate(args.checkpoint, args.prompt, args.max_tokens, args.engine)):
+    texts = generate(args.checkpoint, args.prompt, args.max_tokens, args.engine, args.max_model_len, args.chat)
+    for prompt, text in zip(args.prompt, texts):
         print(f"### {prompt}\n{text}\n")
     return 0
 
@@ -111,8 +112,14 @@ def build_parser(contributed: dict | None = None, with_help: bool = False) -> ar
 
     g = sub.add_parser("generate", help="greedy generation from a DPQ checkpoint")
     g.add_argument("checkpoint")
-    g.add_argument("--prompt", action="append", required=True, help="chat prompt (repeatable)")
+    g.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the model's chat template (--chat) or complete the prompt as plain text "
+                        "(--no-chat); default: the chat template if the tokenizer has one")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length for vLLM (default: the model's limit, at most 2048); "
+                        "more than the model allows is an error")
     g.add_argument("--engine", choices=("auto", "vllm", "reference"), default="auto",
                    help="vllm if installed (auto), or the plain-PyTorch reference forward")
     g.set_defaults(fn=cmd_generate)
@@ -158,6 +165,7 @@ def run_command(fn, args, user_errors: tuple[type[BaseException], ...] = ()) -> 
     (DPQ_DEBUG=1: traceback), exit status 2."""
     from vllm_dpq import env
     from vllm_dpq.format import CheckpointError
+    from vllm_dpq.generate import GenerateError
     from vllm_dpq.interop import InteropError
 
     try:
@@ -165,7 +173,7 @@ def run_command(fn, args, user_errors: tuple[type[BaseException], ...] = ()) -> 
     except BrokenPipeError:  # e.g. `vllm-dpq inspect CKPT | head`
         sys.stderr.close()
         return 0
-    except (CheckpointError, InteropError, *USER_ERRORS, *user_errors) as e:
+    except (CheckpointError, GenerateError, InteropError, *USER_ERRORS, *user_errors) as e:
         if env.get("DPQ_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

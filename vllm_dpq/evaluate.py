@@ -9,8 +9,15 @@ from pathlib import Path
 import torch
 
 
+def text_ids(tokenizer, text: str) -> list[int]:
+    """A whole text as token ids, no special tokens, without the tokenizer's "sequence length is
+    longer than the specified maximum" warning: the ids are cut into windows of at most the
+    model's length afterwards (here and in calibration)."""
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
 def text_windows(tokenizer, text_path: str | Path, seq_len: int = 512, num_windows: int = 64) -> torch.Tensor:
-    ids = tokenizer(Path(text_path).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    ids = text_ids(tokenizer, Path(text_path).read_text(encoding="utf-8"))
     n = min(num_windows, len(ids) // seq_len)
     if n == 0:
         raise ValueError(f"{text_path}: fewer than {seq_len} tokens")
