@@ -72,6 +72,10 @@ def worker(job: dict) -> dict:
                                       task_manager=TaskManager(include_path=job["include_path"]), log_samples=True,
                                       bootstrap_iters=job["bootstrap_iters"])
         seconds = time.perf_counter() - t
+        try:
+            served_dtype = str(lm.model.llm_engine.model_config.dtype).removeprefix("torch.")
+        except AttributeError:  # another vLLM's engine layout
+            served_dtype = None
     finally:
         try:
             lm.model.llm_engine.engine_core.shutdown()
@@ -86,7 +90,8 @@ def worker(job: dict) -> dict:
         results[task] = {"metrics": metrics, "n": out["n-samples"][task]["effective"],
                          "items": {"doc_id": [s["doc_id"] for s in samples],
                                    **{m: [float(s[m]) for s in samples] for m in names}}}
-    return {"results": results, "eval_seconds": seconds, "lm_eval_version": lm_eval.__version__}
+    return {"results": results, "eval_seconds": seconds, "served_dtype": served_dtype,
+            "lm_eval_version": lm_eval.__version__}
 
 
 def worker_main(path: str) -> None:
@@ -194,6 +199,7 @@ def markdown(models: dict, tasks: list[str], comparisons: dict, base: str | None
     if names:
         lines.append(f"| average of {len(tasks)} | acc_norm where reported, else acc | | " +
                      " | ".join(f"{average(ok[n]['results']):.4f}" for n in names) + " |")
+        lines.append("| served dtype | | | " + " | ".join(ok[n].get("served_dtype") or "" for n in names) + " |")
         lines.append("| wall time | s (engine start included) | | " + " | ".join(f"{ok[n]['seconds']:.0f}" for n in names) + " |")
     for n, m in models.items():
         if "error" in m:
@@ -220,6 +226,8 @@ def plot(models: dict, tasks: list[str], path: Path) -> None:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
     ok = {n: m for n, m in models.items() if "error" not in m}
+    if not ok:
+        return
     fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / max(1, len(ok))
     for i, (n, m) in enumerate(ok.items()):
