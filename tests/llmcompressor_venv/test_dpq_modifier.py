@@ -73,11 +73,22 @@ def run_oneshot(src: Path, out: Path, recipe, dtype: torch.dtype) -> dict[str, t
     return seen
 
 
-def make_checkpoints(root: Path) -> dict[str, tuple[Path, Path, dict]]:
+def make_checkpoints(root: Path, moe: bool = False) -> dict[str, tuple[Path, Path, dict]]:
     """{name: (source model, checkpoint, recorded layers)}: a bf16 Llama through a Python
-    recipe at group 128 (the stock-vLLM case), a fp32 one through a YAML recipe at group 64."""
+    recipe at group 128 (the stock-vLLM case), a fp32 one through a YAML recipe at group 64;
+    with ``moe``, a bf16 Qwen3-MoE at group 32 (llm-compressor linearizes its experts)."""
     root.mkdir(parents=True, exist_ok=True)
     out = {}
+    if moe:
+        from conftest import save_tokenizer
+        from test_moe import tiny_moe
+
+        src = root / "src-moe"
+        tiny_moe("qwen3_moe").save_pretrained(src)
+        save_tokenizer(src)
+        recipe = [llmc.DPQModifier(group_size=32, ignore=["lm_head", "re:.*mlp.gate$"])]
+        out["moe"] = (src, root / "moe", run_oneshot(src, root / "moe", recipe, torch.bfloat16))
+        return out
     src = save_tiny_model_dir(root / "src-bf16", dtype=torch.bfloat16, **MODEL)
     recipe = [llmc.DPQModifier(group_size=128, ignore=["lm_head"])]
     out["g128"] = (src, root / "g128", run_oneshot(src, root / "g128", recipe, torch.bfloat16))
@@ -90,6 +101,11 @@ def make_checkpoints(root: Path) -> dict[str, tuple[Path, Path, dict]]:
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     return make_checkpoints(tmp_path_factory.mktemp("llmc"))
+
+
+@pytest.fixture(scope="module")
+def moe_ckpts(tmp_path_factory):
+    return make_checkpoints(tmp_path_factory.mktemp("llmc-moe"), moe=True)
 
 
 def test_modifier_settings_and_refusals():
@@ -122,29 +138,34 @@ def test_yaml_recipe_finds_the_registered_modifier():
     assert mods[0].group_size == 128 and mods[0].ignore == ["lm_head"]
 
 
-@pytest.mark.parametrize("name", ["g128", "g64"])
-def test_each_layer_is_quantize_layer_on_the_same_hessian(ckpts, name):
+@pytest.mark.parametrize("name", ["g128", "g64", "moe"])
+def test_each_layer_is_quantize_layer_on_the_same_hessian(request, name):
     from transformers import AutoModelForCausalLM
 
-    src, out, seen = ckpts[name]
-    group = int(name[1:])
-    dtype = torch.bfloat16 if name == "g128" else torch.float32
+    src, out, seen = request.getfixturevalue("moe_ckpts" if name == "moe" else "ckpts")[name]
+    group = {"g128": 128, "g64": 64, "moe": 32}[name]
+    dtype = torch.float32 if name == "g64" else torch.bfloat16
     source = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).state_dict()
     hf, scheme, layers, rest = read_compressed_tensors(out)
     cfg = hf["quantization_config"]
     w_args, a_args = w4a8_fp8_args(cfg)  # what the DPQ plugin (and stock vLLM) accept
-    assert (w_args.group_size, cfg["format"], cfg["ignore"]) == (group, "pack-quantized", ["lm_head"])
+    assert (w_args.group_size, cfg["format"]) == (group, "pack-quantized")
+    routers = [f"model.layers.{i}.mlp.gate" for i in range(hf["num_hidden_layers"])] if name == "moe" else []
+    assert sorted(cfg["ignore"]) == sorted(["lm_head", *routers])
     assert scheme.group_size == group
+    mlp = (("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") if name != "moe" else  # every expert; no router
+           tuple(f"mlp.experts.{e}.{x}_proj" for e in range(hf.get("num_experts") or hf["num_local_experts"]) for x in ("gate", "up", "down")))
     want = {f"model.layers.{i}.{p}" for i in range(hf["num_hidden_layers"])
-            for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+            for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", *mlp)}
     assert set(layers) == set(seen) == want
     recipe = (llmc.DPQModifier(group_size=group, gar=True, scale_search="max") if name == "g64"
               else llmc.DPQModifier(group_size=group)).dpq_recipe()
+    assert ("model.layers.0.mlp.gate.weight" in rest) == (name == "moe")  # the router stays unquantized
 
     for p, layer in layers.items():
         w, h = seen[p]
-        assert torch.equal(w, source[p + ".weight"]), p  # the untouched original weight
+        if name != "moe":  # (the source stores experts fused, llm-compressor linearizes them)
+            assert torch.equal(w, source[p + ".weight"]), p  # the untouched original weight
         ref = quantize_layer(w.float(), h, recipe)
         q = unpack_int4(layer.packed, layer.k)
         assert torch.equal(q, ref.qw.q), p  # the codes, bit for bit
