@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Install everything, then run the whole test suite (what CI runs).
+# Install everything, then run the whole test suite (what CI runs): the DPQModifier's tests in the
+# llm-compressor venv (.venv-llmc, scripts/llmcompressor_env.sh), then the main suite in .venv
+# (its llm-compressor serving test reads the checkpoints that venv writes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+start=$SECONDS
+bash scripts/llmcompressor_env.sh
+echo "llm-compressor venv ready in $((SECONDS - start)) s"
+.venv-llmc/bin/python -m pytest -q -ra tests/llmcompressor_venv
 . .venv/bin/activate
 python -m pytest -q -ra "$@"
