@@ -66,6 +66,10 @@ class Recipe:
     # expert_min_tokens tokens is quantized by rtn and takes its static scale from its siblings
     experts: str = "routed"
     expert_min_tokens: int = 64
+    # asymmetric calibration (GPTAQ / GPTQv2): also correct the difference between the
+    # full-precision model's inputs and the quantized model's inputs, scaled by asym_alpha
+    asym: bool = False
+    asym_alpha: float = 0.25
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -96,6 +100,10 @@ class Recipe:
             raise ValueError(f"experts must be one of {EXPERT_ROUTING}, got {self.experts!r}")
         if self.expert_min_tokens < 0:
             raise ValueError(f"expert_min_tokens must be >= 0, got {self.expert_min_tokens}")
+        if self.asym and self.method == "rtn":
+            raise ValueError("asymmetric calibration corrects GPTQ's updates: it needs --method gptq or dpq")
+        if not 0 <= self.asym_alpha <= 1:
+            raise ValueError(f"asym_alpha must be in [0, 1], got {self.asym_alpha}")
 
     @property
     def needs_hessian(self) -> bool:
@@ -258,13 +266,23 @@ def _blocks(perm_groups: list[int], block_size: int, group: int, k: int) -> list
     return blocks
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe) -> LayerResult:
+def asym_term(dxxt: torch.Tensor, hinv: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GPTAQ's P = alpha * triu(dXX^T U^T, 1) U (U: upper Cholesky factor of H^-1), in the
+    processing order: quantizing column j with pre-quantization value w_j adds w_j P[j, j+1:]
+    to the later columns, which corrects the input difference that column carries."""
+    return alpha * torch.triu(dxxt @ hinv.t(), diagonal=1) @ hinv
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe, dxxt: torch.Tensor | None = None) -> LayerResult:
     """GPTQ with the recipe's chain as quantizer (DPQ spec section 3). Runs on the device of w
-    and h; the column loop reads nothing back to the host (one read of the loss at the end)."""
+    and h; the column loop reads nothing back to the host (one read of the loss at the end).
+    dxxt: GPTAQ's cross term (X_fp - X) X^T (``asym_update``), or None for plain GPTQ."""
     scheme = recipe.scheme
     n, k = w.shape
     g = scheme.group(k)
     chain = recipe.chain()
+    if dxxt is not None:  # dead columns get no correction either
+        dxxt = dxxt.float().masked_fill(torch.diag(h) == 0, 0)
     h, w = prepare_hessian(h, w, recipe.damp)
     diag = torch.diag(h)
     s_w, s_g = chain.fit(w, diag)  # once, up front, on the original (dead-masked) weight
@@ -274,6 +292,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe) -> LayerResu
     inv = torch.argsort(perm)
     w, h, s_g_full, diag = w[:, perm].contiguous(), h[perm][:, perm], s_g_full[:, perm].contiguous(), diag[perm]
     hinv = upper_cholesky_inverse(h)
+    p = None if dxxt is None else asym_term(dxxt[perm][:, perm], hinv, recipe.asym_alpha)
     # the group structure of the processing order, on the host (one read of perm per layer):
     # runs of consecutive positions from one original group, as (start, length, group)
     group_of = (perm.cpu() // g).tolist()
@@ -289,7 +308,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe) -> LayerResu
 
     codes = torch.empty(n, k, dtype=torch.int8, device=w.device)
     loss = _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits,
-                      _blocks([size for _, size, _ in runs], recipe.block_size, g, k))
+                      _blocks([size for _, size, _ in runs], recipe.block_size, g, k), p)
     qw = pack_result(codes[:, inv].contiguous(), s_w, s_g, scheme)
     return LayerResult(qw, qw.dequantize(scheme.fp8_max), loss)
 
@@ -314,8 +333,12 @@ def cpu_threads(device: torch.device, n: int):
 THREADED_UPDATE = 2**30
 
 
-def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits, blocks) -> float:
+def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits, blocks, p=None) -> float:
     """The GPTQ column loop, in processing order; writes codes (and refitted scales) in place.
+
+    p: GPTAQ's asymmetric term (``asym_term``): each column's pre-quantization value times its
+    row of p is added to the later columns, in the block and in the lazy update alike (so the
+    result does not depend on the block size).
 
     refits: {position: (group length, original group)} where a group's scale is refitted.
     On CPU the per-column operations (tiny: threads only add sync cost) run on one thread; a
@@ -330,6 +353,7 @@ def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits, blocks) 
             w1 = w[:, i1:i2].clone()
             err1 = torch.zeros_like(w1)
             hinv1 = hinv[i1:i2, i1:i2]
+            pre1 = None if p is None else torch.zeros_like(w1)  # columns before quantization
             for i in range(i2 - i1):
                 j = i1 + i
                 if j in refits:
@@ -346,11 +370,15 @@ def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits, blocks) 
                 d = hinv1[i, i]
                 err = (col - col_eff.flatten()) / d
                 col_loss[j] = (err**2).sum()
-                w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+                if p is None:
+                    w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+                else:
+                    pre1[:, i] = col
+                    w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0) - col.unsqueeze(1) * p[j, i1 + i:i2]
                 err1[:, i] = err
             big = n * (k - i2) * (i2 - i1) >= THREADED_UPDATE
             with cpu_threads(w.device, threads) if big else contextlib.nullcontext():
-                w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                w[:, i2:] -= err1 @ hinv[i1:i2, i2:] if p is None else err1 @ hinv[i1:i2, i2:] - pre1 @ p[i1:i2, i2:]
     return sum(col_loss.tolist()) / 2
 
 
@@ -360,8 +388,10 @@ def quantize_rtn(w: torch.Tensor, scheme: Scheme, scale_search: str = "max", cod
     return quantize_layer(w, None, Recipe(method="rtn", scheme=scheme, scale_search=scale_search, codes=codes)).qw
 
 
-def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe) -> LayerResult:
-    """Quantize one layer on the device of w (and h); the result's tensors stay there."""
+def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe,
+                   dxxt: torch.Tensor | None = None) -> LayerResult:
+    """Quantize one layer on the device of w (and h); the result's tensors stay there.
+    dxxt: GPTAQ's cross term (``asym_update``; used by gptq and dpq, None: plain GPTQ)."""
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all():
@@ -374,7 +404,7 @@ def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe) -> L
     if h.device != w.device:
         raise ValueError(f"weight and Hessian must be on one device (the one GPTQ runs on), got "
                          f"{w.device} and {h.device}")
-    return gptq_quantize(w.float(), h, recipe)
+    return gptq_quantize(w.float(), h, recipe, dxxt)
 
 
 def hessian_update(h: torch.Tensor, count: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -385,3 +415,18 @@ def hessian_update(h: torch.Tensor, count: int, x: torch.Tensor) -> tuple[torch.
     x = x * (2 / (count + m)) ** 0.5
     h += x.t() @ x
     return h, count + m
+
+
+def asym_update(h: torch.Tensor, dxxt: torch.Tensor, count: int, x: torch.Tensor,
+                x_fp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """GPTAQ's statistics over paired rows: H = 2/n sum x x^T as ``hessian_update``, and the
+    cross term dXX^T = 2/n sum (x_fp - x) x^T (x: the quantized model's input, x_fp: the
+    full-precision model's input for the same tokens); returns (H, dXX^T, n)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    d = x_fp.reshape(-1, x_fp.shape[-1]).float() - x
+    m = x.shape[0]
+    dxxt *= count / (count + m)
+    c = 2 / (count + m)
+    dxxt += (d * c).t() @ x
+    h, n = hessian_update(h, count, x)
+    return h, dxxt, n

@@ -43,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "choice, gptq.py's static_groups; default of dpq, and of gptq before standard GPTQ "
                           "became its default)")
     p.add_argument("--hessian-fp8", action="store_true", help="Hessian from FP8-quantized inputs")
+    p.add_argument("--asym-calib", action="store_true",
+                   help="asymmetric calibration (GPTAQ): also correct the difference between the full-precision "
+                        "and the quantized model's inputs of each layer (gptq, dpq)")
+    p.add_argument("--asym-alpha", type=float, default=0.25,
+                   help="weight of GPTAQ's input-difference correction, in [0, 1] (default 0.25, the authors')")
     p.add_argument("--paper-recipe", action="store_true",
                    help="the DPQ paper's recipe: max scales, rounded codes, scales up front (overrides the three)")
     p.add_argument("--target", choices=("dpq", "compressed-tensors"), default="dpq",
@@ -107,7 +112,7 @@ def recipe_from_args(args) -> Recipe:
     if args.gar and args.act_order:
         raise SystemExit("error: --gar and --act-order are exclusive")
     opts = dict(scale_search=args.scale_search, codes=args.codes, refit_scales=args.refit_scales,
-                hessian_fp8=args.hessian_fp8)
+                hessian_fp8=args.hessian_fp8, asym=args.asym_calib, asym_alpha=args.asym_alpha)
     if args.paper_recipe:
         opts.update(PAPER_RECIPE)
     scheme = Scheme(group_size=args.group_size, fp8_max=args.fp8_max, weight_scale=args.weight_scale,
