@@ -46,6 +46,7 @@ CONFIGS = {  # name -> (label, quantize arguments, evaluate w4a16 too)
     # accuracy levers (issue 24)
     "dpq-asym": ("DPQ + asymmetric calibration (GPTAQ)", ["--method", "dpq", "--asym-calib"], False),
     "dpq-gar-asym": ("DPQ + GAR + asymmetric calibration", ["--method", "dpq", "--gar", "--asym-calib"], False),
+    "dpq-tune": ("DPQ + block-wise tuning", ["--method", "dpq", "--tune"], False),
 }
 DEFAULT = "rtn,gptq,gptq-upfront-mse,dpq-paper,dpq,dpq-gar"
 DTYPES = ("bfloat16", "float32")

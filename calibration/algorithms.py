@@ -70,6 +70,9 @@ class Recipe:
     # full-precision model's inputs and the quantized model's inputs, scaled by asym_alpha
     asym: bool = False
     asym_alpha: float = 0.25
+    # block-wise tuning of rounding and group scales through the chain (calibration/tune.py): steps
+    # of signed gradient descent per decoder layer after GPTQ (0: off)
+    tune_steps: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -102,6 +105,11 @@ class Recipe:
             raise ValueError(f"expert_min_tokens must be >= 0, got {self.expert_min_tokens}")
         if self.asym and self.method == "rtn":
             raise ValueError("asymmetric calibration corrects GPTQ's updates: it needs --method gptq or dpq")
+        if self.tune_steps and (self.method == "rtn" or self.fold != "none"):
+            raise ValueError("tuning starts from GPTQ's result in the DPQ layout: it needs --method gptq or dpq "
+                             "and --target dpq")
+        if self.tune_steps < 0:
+            raise ValueError(f"tune_steps must be >= 0, got {self.tune_steps}")
         if not 0 <= self.asym_alpha <= 1:
             raise ValueError(f"asym_alpha must be in [0, 1], got {self.asym_alpha}")
 
@@ -131,6 +139,7 @@ class LayerResult:
     qw: QuantizedWeight
     w_eff: torch.Tensor  # s_w * fp8(q * s_g): what inference computes with, fp32 (all methods)
     loss: float  # GPTQ's sum of squared, Hinv-weighted errors (0 for rtn)
+    rounded: torch.Tensor | None = None  # GPTQ: the error-updated weight each code was chosen for (--tune)
 
 
 class Chain:
@@ -307,10 +316,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe, dxxt: torch.
     refits = {start: (size, grp) for start, size, grp in runs} if refit else {}
 
     codes = torch.empty(n, k, dtype=torch.int8, device=w.device)
+    rounded = torch.empty_like(w) if recipe.tune_steps else None
     loss = _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits,
-                      _blocks([size for _, size, _ in runs], recipe.block_size, g, k), p)
+                      _blocks([size for _, size, _ in runs], recipe.block_size, g, k), p, rounded)
     qw = pack_result(codes[:, inv].contiguous(), s_w, s_g, scheme)
-    return LayerResult(qw, qw.dequantize(scheme.fp8_max), loss)
+    return LayerResult(qw, qw.dequantize(scheme.fp8_max), loss, None if rounded is None else rounded[:, inv])
 
 
 @contextlib.contextmanager
@@ -333,12 +343,13 @@ def cpu_threads(device: torch.device, n: int):
 THREADED_UPDATE = 2**30
 
 
-def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits, blocks, p=None) -> float:
+def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits, blocks, p=None, rounded=None) -> float:
     """The GPTQ column loop, in processing order; writes codes (and refitted scales) in place.
 
     p: GPTAQ's asymmetric term (``asym_term``): each column's pre-quantization value times its
     row of p is added to the later columns, in the block and in the lazy update alike (so the
-    result does not depend on the block size).
+    result does not depend on the block size). rounded: if given, receives each column as it was
+    quantized (the error-updated weight).
 
     refits: {position: (group length, original group)} where a group's scale is refitted.
     On CPU the per-column operations (tiny: threads only add sync cost) run on one thread; a
@@ -367,6 +378,8 @@ def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits, blocks, 
                 col = w1[:, i]
                 q, col_eff = chain(col.unsqueeze(1), s_w, s_g_full[:, j])
                 codes[:, j] = q.flatten()
+                if rounded is not None:
+                    rounded[:, j] = col
                 d = hinv1[i, i]
                 err = (col - col_eff.flatten()) / d
                 col_loss[j] = (err**2).sum()

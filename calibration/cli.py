@@ -48,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and the quantized model's inputs of each layer (gptq, dpq)")
     p.add_argument("--asym-alpha", type=float, default=0.25,
                    help="weight of GPTAQ's input-difference correction, in [0, 1] (default 0.25, the authors')")
+    p.add_argument("--tune", dest="tune_steps", action="store_const", const=200, default=0,
+                   help="after GPTQ, tune each layer's rounding and group scales through the chain against the "
+                        "full-precision layer's output (200 signed-gradient steps per layer; slow)")
+    p.add_argument("--tune-steps", type=int, dest="tune_steps", help="--tune with this many steps per layer")
     p.add_argument("--paper-recipe", action="store_true",
                    help="the DPQ paper's recipe: max scales, rounded codes, scales up front (overrides the three)")
     p.add_argument("--target", choices=("dpq", "compressed-tensors"), default="dpq",
@@ -112,7 +116,8 @@ def recipe_from_args(args) -> Recipe:
     if args.gar and args.act_order:
         raise SystemExit("error: --gar and --act-order are exclusive")
     opts = dict(scale_search=args.scale_search, codes=args.codes, refit_scales=args.refit_scales,
-                hessian_fp8=args.hessian_fp8, asym=args.asym_calib, asym_alpha=args.asym_alpha)
+                hessian_fp8=args.hessian_fp8, asym=args.asym_calib, asym_alpha=args.asym_alpha,
+                tune_steps=args.tune_steps)
     if args.paper_recipe:
         opts.update(PAPER_RECIPE)
     scheme = Scheme(group_size=args.group_size, fp8_max=args.fp8_max, weight_scale=args.weight_scale,

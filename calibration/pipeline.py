@@ -149,7 +149,9 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
     def starved(name: str, tokens: int) -> bool:  # only experts can see too few tokens
         return expert_siblings(name) != name and tokens < recipe.expert_min_tokens
 
-    fallback = replace(recipe, method="rtn", scale_search=None, codes=None, refit_scales=None, asym=False)
+    fallback = replace(recipe, method="rtn", scale_search=None, codes=None, refit_scales=None, asym=False,
+                       tune_steps=0)
+    tunable: dict[str, tuple[str, QuantizedWeight]] = {}  # --tune: GPTQ's results, on the device
     for name, lin in linears.items():
         h, n = hess.get(share.get(name), (None, 0)) if recipe.needs_hessian else (None, 0)
         use = recipe
@@ -158,14 +160,24 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
             result.expert_fallbacks.setdefault(name, []).append("rtn")
             logger.info("%s: %d calibration tokens (< %d): rtn", name, n, recipe.expert_min_tokens)
         res = quantize_layer(lin.weight.data.float(), h, use, cross.get(share.get(name)) if cross and use is recipe else None)
+        if recipe.tune_steps and use is recipe:
+            tunable[name] = (name[len(prefix) + 1:], res.qw, res.rounded)
         lin.weight.data = res.w_eff.to(device=lin.weight.device, dtype=lin.weight.dtype)
-        qw = res.qw  # codes and scales to the host: one copy per Linear, none per column
-        result.layers[name] = QuantizedLayer(replace(qw, q=qw.q.cpu(), group_scale=qw.group_scale.cpu(),
-                                                     weight_scale=qw.weight_scale.cpu()), 0.0)
-        del res, qw
+        _store(result, name, res.qw)
+        del res
         trim_heap()  # the quantizer's temporaries, freed: back to the OS before the next Linear
     hess.clear()
     cross.clear()
+    if tunable:  # against the full-precision model's outputs where kept (--asym-calib), else the layer's own
+        from calibration.tune import tune_layer
+
+        targets = inputs.fp_hidden if asym else reference
+        tuned = tune_layer(layer, tunable, list(zip(inputs.hidden, inputs.kwargs[prefix])), targets,
+                           recipe.scheme, recipe.tune_steps)
+        for name, qw in tuned.items():
+            linears[name].weight.data = qw.dequantize(fp8_max).to(linears[name].weight.dtype)
+            _store(result, name, qw)
+        del tunable, tuned
 
     tokens: dict[str, int] = {}
 
@@ -198,6 +210,12 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
         result.expert_tokens[f"{prefix}.{name}"] = [tokens.get(f"{prefix}.{name}.{e}.{x.names[0]}", 0)
                                                     for e, x in enumerate(experts)]
     return (err_num / err_den) ** 0.5 if err_den else float("nan")
+
+
+def _store(result: CalibrationResult, name: str, qw: QuantizedWeight) -> None:
+    """A Linear's codes and scales to the host: one copy per Linear, none per column."""
+    result.layers[name] = QuantizedLayer(replace(qw, q=qw.q.cpu(), group_scale=qw.group_scale.cpu(),
+                                                 weight_scale=qw.weight_scale.cpu()), 0.0)
 
 
 def _expert_scales(linears, tokens: dict[str, int], starved, result: CalibrationResult) -> None:
