@@ -12,6 +12,9 @@ static_groups, AutoGPTQ, Intel Neural Compressor), i.e. ``refit_scales``: each g
 is fitted when the loop reaches the group, on the error-updated weight as gptq.py sees it
 (``W[:, group]``: the state at the start of the current lazy-update block), with min-max
 scales and rounded codes.
+
+Length: the recipe, the chain quantizer and the one GPTQ engine (with its asymmetric-calibration
+and tuning hooks) are one idea; the GPTAQ math is in calibration/asym.py, tuning in tune.py.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from calibration.asym import asym_term
 from vllm_dpq.interop.fold import folded_scheme_problems
 from vllm_dpq.numerics import (
     INT4_MAX, INT4_MIN, QuantizedWeight, Scheme, compute_weight_scale, expand_groups, fp8_round, group_view,
@@ -275,13 +279,6 @@ def _blocks(perm_groups: list[int], block_size: int, group: int, k: int) -> list
     return blocks
 
 
-def asym_term(dxxt: torch.Tensor, hinv: torch.Tensor, alpha: float) -> torch.Tensor:
-    """GPTAQ's P = alpha * triu(dXX^T U^T, 1) U (U: upper Cholesky factor of H^-1), in the
-    processing order: quantizing column j with pre-quantization value w_j adds w_j P[j, j+1:]
-    to the later columns, which corrects the input difference that column carries."""
-    return alpha * torch.triu(dxxt @ hinv.t(), diagonal=1) @ hinv
-
-
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe, dxxt: torch.Tensor | None = None) -> LayerResult:
     """GPTQ with the recipe's chain as quantizer (DPQ spec section 3). Runs on the device of w
     and h; the column loop reads nothing back to the host (one read of the loss at the end).
@@ -429,17 +426,3 @@ def hessian_update(h: torch.Tensor, count: int, x: torch.Tensor) -> tuple[torch.
     h += x.t() @ x
     return h, count + m
 
-
-def asym_update(h: torch.Tensor, dxxt: torch.Tensor, count: int, x: torch.Tensor,
-                x_fp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """GPTAQ's statistics over paired rows: H = 2/n sum x x^T as ``hessian_update``, and the
-    cross term dXX^T = 2/n sum (x_fp - x) x^T (x: the quantized model's input, x_fp: the
-    full-precision model's input for the same tokens); returns (H, dXX^T, n)."""
-    x = x.reshape(-1, x.shape[-1]).float()
-    d = x_fp.reshape(-1, x_fp.shape[-1]).float() - x
-    m = x.shape[0]
-    dxxt *= count / (count + m)
-    c = 2 / (count + m)
-    dxxt += (d * c).t() @ x
-    h, n = hessian_update(h, count, x)
-    return h, dxxt, n

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from calibration import CalibrationError
-from calibration.algorithms import Recipe, asym_update, hessian_update, quantize_layer
+from calibration.algorithms import Recipe, hessian_update, quantize_layer
+from calibration.asym import asym_update
 from calibration.model import (
     LayerInputs, ResidentWeights, capture_first_layer_inputs, decoder_layers, layers_prefix, quantizable_linears,
 )

@@ -4,7 +4,8 @@ what it claims, and lowers the error it targets on held-out inputs."""
 import pytest
 import torch
 
-from calibration.algorithms import Recipe, asym_update, hessian_update, quantize_layer
+from calibration.algorithms import Recipe, hessian_update, quantize_layer
+from calibration.asym import asym_update
 from vllm_dpq.numerics import Scheme
 
 
