@@ -43,6 +43,10 @@ CONFIGS = {  # name -> (label, quantize arguments, evaluate w4a16 too)
     "dpq-refit": ("DPQ + refit scales", ["--method", "dpq", "--refit-scales"], False),
     "dpq-hfp8": ("DPQ + Hessian of FP8 inputs", ["--method", "dpq", "--hessian-fp8"], False),
     "dpq-channel": ("DPQ + per-channel s_w", ["--method", "dpq", "--weight-scale", "channel"], False),
+    # accuracy levers (issue 24)
+    "dpq-asym": ("DPQ + asymmetric calibration (GPTAQ)", ["--method", "dpq", "--asym-calib"], False),
+    "dpq-gar-asym": ("DPQ + GAR + asymmetric calibration", ["--method", "dpq", "--gar", "--asym-calib"], False),
+    "dpq-tune": ("DPQ + block-wise tuning", ["--method", "dpq", "--tune"], False),
 }
 DEFAULT = "rtn,gptq,gptq-upfront-mse,dpq-paper,dpq,dpq-gar"
 DTYPES = ("bfloat16", "float32")

@@ -12,6 +12,9 @@ static_groups, AutoGPTQ, Intel Neural Compressor), i.e. ``refit_scales``: each g
 is fitted when the loop reaches the group, on the error-updated weight as gptq.py sees it
 (``W[:, group]``: the state at the start of the current lazy-update block), with min-max
 scales and rounded codes.
+
+Length: the recipe, the chain quantizer and the one GPTQ engine (with its asymmetric-calibration
+and tuning hooks) are one idea; the GPTAQ math is in calibration/asym.py, tuning in tune.py.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from calibration.asym import asym_term
 from vllm_dpq.interop.fold import folded_scheme_problems
 from vllm_dpq.numerics import (
     INT4_MAX, INT4_MIN, QuantizedWeight, Scheme, compute_weight_scale, expand_groups, fp8_round, group_view,
@@ -66,6 +70,13 @@ class Recipe:
     # expert_min_tokens tokens is quantized by rtn and takes its static scale from its siblings
     experts: str = "routed"
     expert_min_tokens: int = 64
+    # asymmetric calibration (GPTAQ / GPTQv2): also correct the difference between the
+    # full-precision model's inputs and the quantized model's inputs, scaled by asym_alpha
+    asym: bool = False
+    asym_alpha: float = 0.25
+    # block-wise tuning of rounding and group scales through the chain (calibration/tune.py): steps
+    # of signed gradient descent per decoder layer after GPTQ (0: off)
+    tune_steps: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -96,6 +107,15 @@ class Recipe:
             raise ValueError(f"experts must be one of {EXPERT_ROUTING}, got {self.experts!r}")
         if self.expert_min_tokens < 0:
             raise ValueError(f"expert_min_tokens must be >= 0, got {self.expert_min_tokens}")
+        if self.asym and self.method == "rtn":
+            raise ValueError("asymmetric calibration corrects GPTQ's updates: it needs --method gptq or dpq")
+        if self.tune_steps and (self.method == "rtn" or self.fold != "none"):
+            raise ValueError("tuning starts from GPTQ's result in the DPQ layout: it needs --method gptq or dpq "
+                             "and --target dpq")
+        if self.tune_steps < 0:
+            raise ValueError(f"tune_steps must be >= 0, got {self.tune_steps}")
+        if not 0 <= self.asym_alpha <= 1:
+            raise ValueError(f"asym_alpha must be in [0, 1], got {self.asym_alpha}")
 
     @property
     def needs_hessian(self) -> bool:
@@ -123,6 +143,7 @@ class LayerResult:
     qw: QuantizedWeight
     w_eff: torch.Tensor  # s_w * fp8(q * s_g): what inference computes with, fp32 (all methods)
     loss: float  # GPTQ's sum of squared, Hinv-weighted errors (0 for rtn)
+    rounded: torch.Tensor | None = None  # GPTQ: the error-updated weight each code was chosen for (--tune)
 
 
 class Chain:
@@ -258,13 +279,16 @@ def _blocks(perm_groups: list[int], block_size: int, group: int, k: int) -> list
     return blocks
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe) -> LayerResult:
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe, dxxt: torch.Tensor | None = None) -> LayerResult:
     """GPTQ with the recipe's chain as quantizer (DPQ spec section 3). Runs on the device of w
-    and h; the column loop reads nothing back to the host (one read of the loss at the end)."""
+    and h; the column loop reads nothing back to the host (one read of the loss at the end).
+    dxxt: GPTAQ's cross term (X_fp - X) X^T (``asym_update``), or None for plain GPTQ."""
     scheme = recipe.scheme
     n, k = w.shape
     g = scheme.group(k)
     chain = recipe.chain()
+    if dxxt is not None:  # dead columns get no correction either
+        dxxt = dxxt.float().masked_fill(torch.diag(h) == 0, 0)
     h, w = prepare_hessian(h, w, recipe.damp)
     diag = torch.diag(h)
     s_w, s_g = chain.fit(w, diag)  # once, up front, on the original (dead-masked) weight
@@ -274,6 +298,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe) -> LayerResu
     inv = torch.argsort(perm)
     w, h, s_g_full, diag = w[:, perm].contiguous(), h[perm][:, perm], s_g_full[:, perm].contiguous(), diag[perm]
     hinv = upper_cholesky_inverse(h)
+    p = None if dxxt is None else asym_term(dxxt[perm][:, perm], hinv, recipe.asym_alpha)
     # the group structure of the processing order, on the host (one read of perm per layer):
     # runs of consecutive positions from one original group, as (start, length, group)
     group_of = (perm.cpu() // g).tolist()
@@ -288,10 +313,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, recipe: Recipe) -> LayerResu
     refits = {start: (size, grp) for start, size, grp in runs} if refit else {}
 
     codes = torch.empty(n, k, dtype=torch.int8, device=w.device)
+    rounded = torch.empty_like(w) if recipe.tune_steps else None
     loss = _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits,
-                      _blocks([size for _, size, _ in runs], recipe.block_size, g, k))
+                      _blocks([size for _, size, _ in runs], recipe.block_size, g, k), p, rounded)
     qw = pack_result(codes[:, inv].contiguous(), s_w, s_g, scheme)
-    return LayerResult(qw, qw.dequantize(scheme.fp8_max), loss)
+    return LayerResult(qw, qw.dequantize(scheme.fp8_max), loss, None if rounded is None else rounded[:, inv])
 
 
 @contextlib.contextmanager
@@ -314,8 +340,13 @@ def cpu_threads(device: torch.device, n: int):
 THREADED_UPDATE = 2**30
 
 
-def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits, blocks) -> float:
+def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits, blocks, p=None, rounded=None) -> float:
     """The GPTQ column loop, in processing order; writes codes (and refitted scales) in place.
+
+    p: GPTAQ's asymmetric term (``asym_term``): each column's pre-quantization value times its
+    row of p is added to the later columns, in the block and in the lazy update alike (so the
+    result does not depend on the block size). rounded: if given, receives each column as it was
+    quantized (the error-updated weight).
 
     refits: {position: (group length, original group)} where a group's scale is refitted.
     On CPU the per-column operations (tiny: threads only add sync cost) run on one thread; a
@@ -330,6 +361,7 @@ def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits, blocks) 
             w1 = w[:, i1:i2].clone()
             err1 = torch.zeros_like(w1)
             hinv1 = hinv[i1:i2, i1:i2]
+            pre1 = None if p is None else torch.zeros_like(w1)  # columns before quantization
             for i in range(i2 - i1):
                 j = i1 + i
                 if j in refits:
@@ -343,14 +375,20 @@ def _gptq_loop(w, hinv, chain, s_w, s_g, s_g_full, codes, diag, refits, blocks) 
                 col = w1[:, i]
                 q, col_eff = chain(col.unsqueeze(1), s_w, s_g_full[:, j])
                 codes[:, j] = q.flatten()
+                if rounded is not None:
+                    rounded[:, j] = col
                 d = hinv1[i, i]
                 err = (col - col_eff.flatten()) / d
                 col_loss[j] = (err**2).sum()
-                w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+                if p is None:
+                    w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+                else:
+                    pre1[:, i] = col
+                    w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0) - col.unsqueeze(1) * p[j, i1 + i:i2]
                 err1[:, i] = err
             big = n * (k - i2) * (i2 - i1) >= THREADED_UPDATE
             with cpu_threads(w.device, threads) if big else contextlib.nullcontext():
-                w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                w[:, i2:] -= err1 @ hinv[i1:i2, i2:] if p is None else err1 @ hinv[i1:i2, i2:] - pre1 @ p[i1:i2, i2:]
     return sum(col_loss.tolist()) / 2
 
 
@@ -360,8 +398,10 @@ def quantize_rtn(w: torch.Tensor, scheme: Scheme, scale_search: str = "max", cod
     return quantize_layer(w, None, Recipe(method="rtn", scheme=scheme, scale_search=scale_search, codes=codes)).qw
 
 
-def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe) -> LayerResult:
-    """Quantize one layer on the device of w (and h); the result's tensors stay there."""
+def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe,
+                   dxxt: torch.Tensor | None = None) -> LayerResult:
+    """Quantize one layer on the device of w (and h); the result's tensors stay there.
+    dxxt: GPTAQ's cross term (``asym_update``; used by gptq and dpq, None: plain GPTQ)."""
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all():
@@ -374,7 +414,7 @@ def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe) -> L
     if h.device != w.device:
         raise ValueError(f"weight and Hessian must be on one device (the one GPTQ runs on), got "
                          f"{w.device} and {h.device}")
-    return gptq_quantize(w.float(), h, recipe)
+    return gptq_quantize(w.float(), h, recipe, dxxt)
 
 
 def hessian_update(h: torch.Tensor, count: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -385,3 +425,4 @@ def hessian_update(h: torch.Tensor, count: int, x: torch.Tensor) -> tuple[torch.
     x = x * (2 / (count + m)) ** 0.5
     h += x.t() @ x
     return h, count + m
+

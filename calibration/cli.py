@@ -43,6 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "choice, gptq.py's static_groups; default of dpq, and of gptq before standard GPTQ "
                           "became its default)")
     p.add_argument("--hessian-fp8", action="store_true", help="Hessian from FP8-quantized inputs")
+    p.add_argument("--asym-calib", action="store_true",
+                   help="asymmetric calibration (GPTAQ): also correct the difference between the full-precision "
+                        "and the quantized model's inputs of each layer (gptq, dpq)")
+    p.add_argument("--asym-alpha", type=float, default=0.25,
+                   help="weight of GPTAQ's input-difference correction, in [0, 1] (default 0.25, the authors')")
+    p.add_argument("--tune", dest="tune_steps", action="store_const", const=200, default=0,
+                   help="after GPTQ, tune each layer's rounding and group scales through the chain against the "
+                        "full-precision layer's output (200 signed-gradient steps per layer; slow)")
+    p.add_argument("--tune-steps", type=int, dest="tune_steps", help="--tune with this many steps per layer")
     p.add_argument("--paper-recipe", action="store_true",
                    help="the DPQ paper's recipe: max scales, rounded codes, scales up front (overrides the three)")
     p.add_argument("--target", choices=("dpq", "compressed-tensors"), default="dpq",
@@ -107,7 +116,8 @@ def recipe_from_args(args) -> Recipe:
     if args.gar and args.act_order:
         raise SystemExit("error: --gar and --act-order are exclusive")
     opts = dict(scale_search=args.scale_search, codes=args.codes, refit_scales=args.refit_scales,
-                hessian_fp8=args.hessian_fp8)
+                hessian_fp8=args.hessian_fp8, asym=args.asym_calib, asym_alpha=args.asym_alpha,
+                tune_steps=args.tune_steps)
     if args.paper_recipe:
         opts.update(PAPER_RECIPE)
     scheme = Scheme(group_size=args.group_size, fp8_max=args.fp8_max, weight_scale=args.weight_scale,

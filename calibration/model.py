@@ -211,6 +211,8 @@ class LayerInputs:
 
     hidden: list[torch.Tensor]  # [B, L, H] per batch: the input of the next layer to run
     kwargs: dict[str, list[dict[str, Any]]]  # layer name -> the other arguments per batch (masks, rotary, ...)
+    # asymmetric calibration: the same batches through the full-precision layers (None: not kept)
+    fp_hidden: list[torch.Tensor] | None = None
 
 
 def capture_first_layer_inputs(model: nn.Module, batches: list[torch.Tensor], device: torch.device) -> LayerInputs:

@@ -4,6 +4,8 @@ For each decoder layer i, on the compute device alone:
   pass 1: run the layer on its inputs (outputs of the already-quantized layers 0..i-1),
           accumulating one Hessian per distinct Linear input (q/k/v share one, gate/up one);
   quantize every Linear of the layer (rtn / gptq / dpq) and put W_eff in its place;
+  (--asym-calib: pass 1 also runs the layer on the full-precision model's inputs, kept as a
+          second stream, for GPTAQ's cross term (X_fp - X) X^T beside each Hessian)
   pass 2: run the quantized layer: its outputs feed layer i+1, and the max |input| of each
           Linear gives the static activation scale s_x = amax / fp8_max.
 Memory: one decoder layer on the device, plus the calibration activations of one layer. A
@@ -27,6 +29,7 @@ from torch import nn
 
 from calibration import CalibrationError
 from calibration.algorithms import Recipe, hessian_update, quantize_layer
+from calibration.asym import asym_update
 from calibration.model import (
     LayerInputs, ResidentWeights, capture_first_layer_inputs, decoder_layers, layers_prefix, quantizable_linears,
 )
@@ -96,14 +99,27 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
     layer's relative output error (quantized vs unquantized layer, same inputs; NaN for rtn)."""
     linears = quantizable_linears(layer, prefix, ignore)
     hess: dict[str, tuple[torch.Tensor, int]] = {}
+    cross: dict[str, torch.Tensor] = {}  # GPTAQ's (X_fp - X) X^T per distinct input (--asym-calib)
+    fp_x: dict[str, torch.Tensor] = {}  # the full-precision model's inputs of the current batch
     fp8_max = recipe.scheme.fp8_max
+    asym = recipe.asym and inputs.fp_hidden is not None
+    fp_pass = [False]
 
     def accumulate(name, x):
+        if fp_pass[0]:
+            fp_x[name] = x
+            return
         if recipe.hessian_fp8:
             x8, s_x = quantize_activation(x.reshape(-1, x.shape[-1]), None, fp8_max)
-            x = x8 * s_x
+            x = (x8 * s_x).reshape(x.shape)
         h, n = hess.get(name, (torch.zeros(x.shape[-1], x.shape[-1], device=x.device), 0))
-        hess[name] = hessian_update(h, n, x)
+        x_fp = fp_x.pop(name, None)
+        # routed experts see other tokens in the two models: no pairing, plain GPTQ for them
+        if x_fp is not None and x_fp.shape == x.shape and expert_siblings(name) == name:
+            h, cross[name], n = asym_update(h, cross.get(name, torch.zeros_like(h)), n, x, x_fp)
+            hess[name] = (h, n)
+        else:
+            hess[name] = hessian_update(h, n, x)
 
     reference = []  # pass 1 (skipped by rtn, which needs no Hessian: no layer error then)
     blocks = moe_blocks(layer)
@@ -112,11 +128,19 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
         for experts in blocks.values():
             experts.route_all = recipe.experts == "all"
         try:
-            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs[prefix]):
+            for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs[prefix])):
+                if asym:  # first the full-precision model's inputs (kept in fp_x), then the quantized one's
+                    seen.clear()
+                    fp_pass[0] = True
+                    with torch.no_grad():
+                        out = layer(inputs.fp_hidden[b], **kwargs)
+                    inputs.fp_hidden[b] = out[0] if isinstance(out, tuple) else out
+                    fp_pass[0] = False
                 seen.clear()
                 with torch.no_grad():
                     out = layer(hidden, **kwargs)
                 reference.append(out[0] if isinstance(out, tuple) else out)
+                fp_x.clear()
         finally:
             for h in handles:
                 h.remove()
@@ -126,7 +150,9 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
     def starved(name: str, tokens: int) -> bool:  # only experts can see too few tokens
         return expert_siblings(name) != name and tokens < recipe.expert_min_tokens
 
-    fallback = replace(recipe, method="rtn", scale_search=None, codes=None, refit_scales=None)
+    fallback = replace(recipe, method="rtn", scale_search=None, codes=None, refit_scales=None, asym=False,
+                       tune_steps=0)
+    tunable: dict[str, tuple[str, QuantizedWeight]] = {}  # --tune: GPTQ's results, on the device
     for name, lin in linears.items():
         h, n = hess.get(share.get(name), (None, 0)) if recipe.needs_hessian else (None, 0)
         use = recipe
@@ -134,14 +160,25 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
             use, h = fallback, None
             result.expert_fallbacks.setdefault(name, []).append("rtn")
             logger.info("%s: %d calibration tokens (< %d): rtn", name, n, recipe.expert_min_tokens)
-        res = quantize_layer(lin.weight.data.float(), h, use)
+        res = quantize_layer(lin.weight.data.float(), h, use, cross.get(share.get(name)) if cross and use is recipe else None)
+        if recipe.tune_steps and use is recipe:
+            tunable[name] = (name[len(prefix) + 1:], res.qw, res.rounded)
         lin.weight.data = res.w_eff.to(device=lin.weight.device, dtype=lin.weight.dtype)
-        qw = res.qw  # codes and scales to the host: one copy per Linear, none per column
-        result.layers[name] = QuantizedLayer(replace(qw, q=qw.q.cpu(), group_scale=qw.group_scale.cpu(),
-                                                     weight_scale=qw.weight_scale.cpu()), 0.0)
-        del res, qw
+        _store(result, name, res.qw)
+        del res
         trim_heap()  # the quantizer's temporaries, freed: back to the OS before the next Linear
     hess.clear()
+    cross.clear()
+    if tunable:  # against the full-precision model's outputs where kept (--asym-calib), else the layer's own
+        from calibration.tune import tune_layer
+
+        targets = inputs.fp_hidden if asym else reference
+        tuned = tune_layer(layer, tunable, list(zip(inputs.hidden, inputs.kwargs[prefix])), targets,
+                           recipe.scheme, recipe.tune_steps)
+        for name, qw in tuned.items():
+            linears[name].weight.data = qw.dequantize(fp8_max).to(linears[name].weight.dtype)
+            _store(result, name, qw)
+        del tunable, tuned
 
     tokens: dict[str, int] = {}
 
@@ -174,6 +211,12 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
         result.expert_tokens[f"{prefix}.{name}"] = [tokens.get(f"{prefix}.{name}.{e}.{x.names[0]}", 0)
                                                     for e, x in enumerate(experts)]
     return (err_num / err_den) ** 0.5 if err_den else float("nan")
+
+
+def _store(result: CalibrationResult, name: str, qw: QuantizedWeight) -> None:
+    """A Linear's codes and scales to the host: one copy per Linear, none per column."""
+    result.layers[name] = QuantizedLayer(replace(qw, q=qw.q.cpu(), group_scale=qw.group_scale.cpu(),
+                                                 weight_scale=qw.weight_scale.cpu()), 0.0)
 
 
 def _expert_scales(linears, tokens: dict[str, int], starved, result: CalibrationResult) -> None:
@@ -215,13 +258,18 @@ def calibrate(model: nn.Module, samples: torch.Tensor, recipe: Recipe, ignore: l
         raise CalibrationError(f"no Linear layer to quantize in the decoder layers (ignore list: {ignore})")
     batches = list(samples.split(batch_size))
     inputs = capture_first_layer_inputs(model, batches, device)
+    if recipe.asym:  # the embeddings are not quantized: both streams start equal
+        inputs.fp_hidden = list(inputs.hidden)
     result = CalibrationResult()
     start = 0
     saved = state.load() if state is not None and resume else None
     if saved is not None:
         done, stats, hidden = saved
         result.restore(stats)
-        inputs.hidden = [h.to(device) for h in hidden]
+        hidden = [h.to(device) for h in hidden]
+        if recipe.asym:  # committed as [quantized stream..., full-precision stream...]
+            hidden, inputs.fp_hidden = hidden[:len(batches)], hidden[len(batches):]
+        inputs.hidden = hidden
         start = done + 1
         logger.warning("resuming after layer %d of %d", done, len(layers))
     elif state is not None:
@@ -237,7 +285,7 @@ def calibrate(model: nn.Module, samples: torch.Tensor, recipe: Recipe, ignore: l
         result.layer_errors.append(err)
         if state is not None:
             done = {n: result.layers.pop(n) for n in result.layers.keys() - before}
-            state.commit(i, done, result.stats(), inputs.hidden)
+            state.commit(i, done, result.stats(), inputs.hidden + (inputs.fp_hidden or []))
         if err == err:  # rtn measures no layer error (nan)
             bar.set_postfix(err=f"{err:.4f}")
             logger.info("layer %d: relative output error %.5f", i, err)
