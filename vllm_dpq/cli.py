@@ -111,7 +111,8 @@ def build_parser(contributed: dict | None = None, with_help: bool = False) -> ar
 
     g = sub.add_parser("generate", help="greedy generation from a DPQ checkpoint")
     g.add_argument("checkpoint")
-    g.add_argument("--prompt", action="append", required=True, help="chat prompt (repeatable)")
+    g.add_argument("--prompt", action="append", required=True,
+                   help="prompt (repeatable): a user turn of the chat template, or text to continue if none")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--engine", choices=("auto", "vllm", "reference"), default="auto",
                    help="vllm if installed (auto), or the plain-PyTorch reference forward")

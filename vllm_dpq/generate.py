@@ -1,4 +1,6 @@
-"""Greedy chat generation from a DPQ checkpoint, through vLLM or the reference forward."""
+"""Greedy generation from a DPQ checkpoint, through vLLM or the reference forward: each prompt is a
+user turn of the checkpoint's chat template, or, for a model with none (a base model such as
+Gemma-3-270M), text to continue (the tokenizer's own special tokens added, e.g. Gemma's <bos>)."""
 
 from __future__ import annotations
 
@@ -35,7 +37,10 @@ def generate(checkpoint: str, prompts: list[str], max_tokens: int = 64, engine: 
 
         llm = LLM(checkpoint, max_model_len=2048, enforce_eager=True, **cpu_engine_defaults())
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+        if getattr(llm.get_tokenizer(), "chat_template", None):
+            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+        else:
+            outs = llm.generate(prompts, params, use_tqdm=False)
         return [o.outputs[0].text for o in outs]
 
     import torch
@@ -45,8 +50,11 @@ def generate(checkpoint: str, prompts: list[str], max_tokens: int = 64, engine: 
     model, tok = load_reference_model(checkpoint)
     texts = []
     for p in prompts:
-        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
+        if tok.chat_template:
+            ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tok(p, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
         texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
