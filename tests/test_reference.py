@@ -101,3 +101,23 @@ def test_w4a16_equals_w4a8_where_fp8_rounding_is_the_identity():
     w4a16 = ReferenceW4A8Linear(qw, 448.0, s_x, bias, mode="w4a16")
     assert torch.equal(w4a8.w, fp8(w4a8.w))  # the premise: no FP8 rounding happens
     assert torch.equal(w4a8(x), w4a16(x))
+
+
+def test_generate_continues_text_without_a_chat_template(tmp_path):
+    """`vllm-dpq generate --engine reference` on a base model (no chat template, as Gemma-3-270M):
+    the prompt is continued as text, tokenized with the tokenizer's own special tokens."""
+    from conftest import save_tokenizer
+    from transformers import AutoTokenizer
+
+    from vllm_dpq.generate import generate
+
+    path, _ = make_checkpoint(tmp_path / "ck")
+    save_tokenizer(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert not tok.chat_template
+    [text] = generate(str(path), ["The quick brown fox"], max_tokens=6, engine="reference")
+    model, _ = load_reference_model(path)
+    ids = tok("The quick brown fox", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert text == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) and len(out[0]) == ids.shape[1] + 6

