@@ -16,7 +16,7 @@ SEQ = 16
 class CharTokenizer:
     """One token per character (its code point): a window's tokens say which text it came from."""
 
-    def __call__(self, text, add_special_tokens=False):
+    def __call__(self, text, add_special_tokens=False, verbose=True):
         return {"input_ids": [ord(c) for c in text]}
 
 
