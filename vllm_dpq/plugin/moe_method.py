@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, MoEActivation, UnquantizedFusedMoEMethod
 from vllm.model_executor.utils import set_weight_attrs
 
-from vllm_dpq.kernels.cpu import CpuExperts, stack_experts
 from vllm_dpq.format import GROUP_SCALE, INPUT_SCALE, PACKED, WEIGHT_SCALE, CheckpointError
+from vllm_dpq.kernels.cpu import CpuExperts, stack_experts
 from vllm_dpq.plugin.linear_method import check_partition, free_weight_data, mismatch_warner, prepare_backend
 from vllm_dpq.plugin.schemes import DPQScheme, nan_filled
 
