@@ -12,7 +12,7 @@ calibration forwards, the model and the GEMMs (the FP8 products are exact either
 CPUs without fast bf16 (AVX2 only), where bf16 matmuls are ~40x slower than fp32. Only rows of
 one dtype compare: keep each dtype in its own --out / --work.
 
-    python benchmarks/accuracy.py                         # full table, groups 32 and 64
+    python benchmarks/accuracy.py                         # the main table, groups 32 and 128
     python benchmarks/accuracy.py --configs rtn,dpq --groups 32 --num-samples 16 --eval-windows 8
 
 Writes OUT.json (after every evaluation, so a partial run keeps its numbers), OUT.md, OUT.png.
@@ -38,17 +38,19 @@ CONFIGS = {  # name -> (label, quantize arguments, evaluate w4a16 too)
                          ["--method", "gptq", "--upfront-scales", "--scale-search", "mse"], True),
     "dpq-paper": ("DPQ, paper recipe", ["--method", "dpq", "--paper-recipe"], False),
     "dpq-paper-gar": ("DPQ + GAR, paper recipe", ["--method", "dpq", "--paper-recipe", "--gar"], False),
-    "dpq": ("DPQ (ours: nearest codes, mse scales)", ["--method", "dpq"], False),
-    "dpq-gar": ("DPQ + GAR (ours)", ["--method", "dpq", "--gar"], False),
-    "dpq-refit": ("DPQ + refit scales", ["--method", "dpq", "--refit-scales"], False),
-    "dpq-hfp8": ("DPQ + Hessian of FP8 inputs", ["--method", "dpq", "--hessian-fp8"], False),
-    "dpq-channel": ("DPQ + per-channel s_w", ["--method", "dpq", "--weight-scale", "channel"], False),
-    # accuracy levers (issue 24)
-    "dpq-asym": ("DPQ + asymmetric calibration (GPTAQ)", ["--method", "dpq", "--asym-calib"], False),
-    "dpq-gar-asym": ("DPQ + GAR + asymmetric calibration", ["--method", "dpq", "--gar", "--asym-calib"], False),
-    "dpq-tune": ("DPQ + block-wise tuning", ["--method", "dpq", "--tune"], False),
+    # DPQ with our quantizer (nearest codes, mse scales); the default's two levers spelled out
+    "dpq": ("DPQ (nearest codes, mse scales)", ["--method", "dpq", "--no-gar", "--no-asym-calib"], False),
+    "dpq-gar": ("DPQ + GAR", ["--method", "dpq", "--gar", "--no-asym-calib"], False),
+    "dpq-asym": ("DPQ + asymmetric calibration (GPTAQ)", ["--method", "dpq", "--no-gar", "--asym-calib"], False),
+    "default": ("DPQ default: GAR + asymmetric calibration", ["--method", "dpq"], False),
+    "dpq-refit": ("DPQ + refit scales", ["--method", "dpq", "--no-gar", "--no-asym-calib", "--refit-scales"], False),
+    "dpq-hfp8": ("DPQ + Hessian of FP8 inputs", ["--method", "dpq", "--no-gar", "--no-asym-calib", "--hessian-fp8"],
+                 False),
+    "dpq-channel": ("DPQ + per-channel s_w", ["--method", "dpq", "--no-gar", "--no-asym-calib", "--weight-scale",
+                                              "channel"], False),
+    "dpq-tune": ("DPQ default + block-wise tuning", ["--method", "dpq", "--tune"], False),
 }
-DEFAULT = "rtn,gptq,gptq-upfront-mse,dpq-paper,dpq,dpq-gar"
+DEFAULT = "rtn,gptq,dpq,dpq-gar,default"
 DTYPES = ("bfloat16", "float32")
 
 
@@ -131,7 +133,8 @@ def plot(results: dict, groups: list[int], configs: list[str], path: Path) -> No
     vals = [v for r in results.values() if isinstance(r, dict) for k, v in r.items() if k.startswith("w4a8")]
     if vals:
         ax.set_ylim(min(vals + [results.get("bf16", min(vals))]) * 0.9, max(vals) * 1.05)
-    ax.set_title("SmolLM2-135M-Instruct, Pride and Prejudice, 64 x 512 tokens")
+    setup = results.get("setup", {})
+    ax.set_title(f"{setup.get('model', '')}, {setup.get('eval_text', '')}, {setup.get('eval_windows', 64)} x 512 tokens")
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -142,7 +145,7 @@ def main() -> int:
     p.add_argument("--model", default=None, help="HF model folder (default: the demo model, built if needed)")
     p.add_argument("--calib-text", type=Path, default=CORPORA / "austen_sensesensibility.txt")
     p.add_argument("--eval-text", type=Path, default=CORPORA / "austen_prideprejudice.txt")
-    p.add_argument("--groups", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--groups", type=int, nargs="+", default=[32, 128])
     p.add_argument("--configs", default=DEFAULT, help=f"comma list from {sorted(CONFIGS)}")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)

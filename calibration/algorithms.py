@@ -43,12 +43,15 @@ EXPERT_ROUTING = ("routed", "all")
 # (Python floats holding fp32 values: no tensor, so nothing to move to the layer's device)
 MSE_COARSE = (torch.arange(60, 106, 5).float() / 100).tolist()
 MSE_FINE = torch.tensor([-0.04, -0.03, -0.02, -0.01, 0.01, 0.02, 0.03, 0.04]).tolist()
-PAPER_RECIPE = dict(scale_search="max", codes="round", refit_scales=False, hessian_fp8=False)
-# what a recipe field left at None means, per method. gptq: the standard GPTQ users know
+# the DPQ paper's recipe: its GPTQ (no group-aware reordering unless asked, no GPTAQ correction)
+PAPER_RECIPE = dict(scale_search="max", codes="round", refit_scales=False, hessian_fp8=False, order="none",
+                    asym=False)
+# what a recipe field left at None means, per method. gptq: the standard GPTQ users know; dpq: the
+# best recipe measured (docs/RESULTS.md, "Accuracy levers"): GAR and asymmetric calibration
 METHOD_DEFAULTS = {
-    "rtn": dict(scale_search="mse", codes="nearest", refit_scales=False),
-    "gptq": dict(scale_search="max", codes="round", refit_scales=True),
-    "dpq": dict(scale_search="mse", codes="nearest", refit_scales=False),
+    "rtn": dict(order="none", asym=False, scale_search="mse", codes="nearest", refit_scales=False),
+    "gptq": dict(order="none", asym=False, scale_search="max", codes="round", refit_scales=True),
+    "dpq": dict(order="gar", asym=True, scale_search="mse", codes="nearest", refit_scales=False),
 }
 
 
@@ -56,10 +59,10 @@ METHOD_DEFAULTS = {
 class Recipe:
     method: str = "dpq"
     scheme: Scheme = field(default_factory=Scheme)
-    order: str = "none"  # none | gar (group-aware reordering) | act (GPTQ act-order, fixed scales)
+    # None: the method's default (METHOD_DEFAULTS)
+    order: str | None = None  # none | gar (group-aware reordering) | act (GPTQ act-order, fixed scales)
     damp: float = 0.01
     block_size: int = 128
-    # None: the method's default (METHOD_DEFAULTS)
     scale_search: str | None = None  # max: s_g = 2 max|W8|/15 (paper) | mse: best of a grid of shrinks
     codes: str | None = None  # round: q = round(w / s_g) (paper) | nearest: q minimising the chain error
     refit_scales: bool | None = None  # fit each group's scale as the loop reaches it (standard GPTQ)
@@ -72,7 +75,7 @@ class Recipe:
     expert_min_tokens: int = 64
     # asymmetric calibration (GPTAQ / GPTQv2): also correct the difference between the
     # full-precision model's inputs and the quantized model's inputs, scaled by asym_alpha
-    asym: bool = False
+    asym: bool | None = None
     asym_alpha: float = 0.25
     # block-wise tuning of rounding and group scales through the chain (calibration/tune.py): steps
     # of signed gradient descent per decoder layer after GPTQ (0: off)
@@ -81,7 +84,7 @@ class Recipe:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name, value in METHOD_DEFAULTS[self.method].items():
+        for name, value in METHOD_DEFAULTS[self.method].items():  # order first: refit_scales depends on it
             if getattr(self, name) is None:  # act-order and the folded target need fixed scales
                 fixed = name == "refit_scales" and (self.order == "act" or self.fold == "vllm")
                 object.__setattr__(self, name, False if fixed else value)

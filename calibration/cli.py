@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dpq (default), gptq (FP8-unaware; by default standard GPTQ: min-max group scales fitted "
                         "as the loop reaches each group, rounded codes), rtn")
     p.add_argument("--group-size", type=int, default=32, help="INT4 group size along K; -1 = per channel (default 32)")
-    p.add_argument("--gar", action="store_true", help="group-aware reordering (DPQ paper)")
+    p.add_argument("--gar", action=argparse.BooleanOptionalAction, default=None,
+                   help="group-aware reordering (DPQ paper; default of dpq, --no-gar to turn it off)")
     p.add_argument("--act-order", action="store_true", help="GPTQ activation order (fixed scales; not with --gar)")
     p.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diag (default 0.01)")
     p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block size (default 128)")
@@ -45,9 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "choice, gptq.py's static_groups; default of dpq, and of gptq before standard GPTQ "
                           "became its default)")
     p.add_argument("--hessian-fp8", action="store_true", help="Hessian from FP8-quantized inputs")
-    p.add_argument("--asym-calib", action="store_true",
+    p.add_argument("--asym-calib", action=argparse.BooleanOptionalAction, default=None,
                    help="asymmetric calibration (GPTAQ): also correct the difference between the full-precision "
-                        "and the quantized model's inputs of each layer (gptq, dpq)")
+                        "and the quantized model's inputs of each layer (gptq, dpq; default of dpq: "
+                        "--no-asym-calib saves one layer forward and a copy of the hidden states)")
     p.add_argument("--asym-alpha", type=float, default=0.25,
                    help="weight of GPTAQ's input-difference correction, in [0, 1] (default 0.25, the authors')")
     p.add_argument("--tune", dest="tune_steps", action="store_const", const=200, default=0,
@@ -55,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "full-precision layer's output (200 signed-gradient steps per layer; slow)")
     p.add_argument("--tune-steps", type=int, dest="tune_steps", help="--tune with this many steps per layer")
     p.add_argument("--paper-recipe", action="store_true",
-                   help="the DPQ paper's recipe: max scales, rounded codes, scales up front (overrides the three)")
+                   help="the DPQ paper's recipe: max scales, rounded codes, scales up front (overrides the three); "
+                        "no GAR or asymmetric calibration unless asked")
     p.add_argument("--target", choices=("dpq", "compressed-tensors"), default="dpq",
                    help="compressed-tensors: group 128, per-channel s_w, FP8 group scales, dynamic activations, "
                         "scales fitted in stock vLLM's folded form, so `vllm-dpq export` is exact (docs/INTEROP.md)")
@@ -118,10 +121,15 @@ def recipe_from_args(args) -> Recipe:
     if args.gar and args.act_order:
         raise SystemExit("error: --gar and --act-order are exclusive")
     opts = dict(scale_search=args.scale_search, codes=args.codes, refit_scales=args.refit_scales,
-                hessian_fp8=args.hessian_fp8, asym=args.asym_calib, asym_alpha=args.asym_alpha,
-                tune_steps=args.tune_steps)
+                hessian_fp8=args.hessian_fp8, asym_alpha=args.asym_alpha, tune_steps=args.tune_steps)
     if args.paper_recipe:
         opts.update(PAPER_RECIPE)
+    # explicit choices win over the paper recipe's; left unset, the method's default applies
+    order = "gar" if args.gar else "act" if args.act_order else "none" if args.gar is False else None
+    if order is not None:
+        opts["order"] = order
+    if args.asym_calib is not None:
+        opts["asym"] = args.asym_calib
     scheme = Scheme(group_size=args.group_size, fp8_max=args.fp8_max, weight_scale=args.weight_scale,
                     group_scale_dtype=args.group_scale_dtype, activation_scheme=args.activations)
     if args.target == "compressed-tensors":
@@ -131,8 +139,7 @@ def recipe_from_args(args) -> Recipe:
             raise SystemExit("error: --target compressed-tensors fixes group 128, dynamic activations, fp8_max 448")
         scheme = folded_scheme()
         opts["fold"] = "vllm"
-    order = "gar" if args.gar else "act" if args.act_order else "none"
-    return Recipe(method=args.method, scheme=scheme, order=order, damp=args.damp, block_size=args.block_size,
+    return Recipe(method=args.method, scheme=scheme, damp=args.damp, block_size=args.block_size,
                   experts=args.moe_experts, expert_min_tokens=args.moe_min_tokens, **opts)
 
 

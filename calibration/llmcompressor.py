@@ -44,16 +44,22 @@ from vllm_dpq.numerics import expand_groups
 __all__ = ["DPQModifier", "dpq_recipe"]
 
 
-def dpq_recipe(group_size: int = 128, gar: bool = False, act_order: bool = False, scale_search: str | None = None,
+def dpq_recipe(group_size: int = 128, gar: bool | None = None, act_order: bool = False, scale_search: str | None = None,
                codes: str | None = None, paper_recipe: bool = False, damp: float = 0.01,
                block_size: int = 128) -> Recipe:
     """The project's DPQ ``Recipe`` a DPQModifier with these settings runs on each layer:
-    scales in stock vLLM's folded form (per-channel fp32 s_w, FP8 s_g, dynamic activations)."""
+    scales in stock vLLM's folded form (per-channel fp32 s_w, FP8 s_g, dynamic activations).
+    gar None: DPQ's default (on, unless act_order or the paper recipe)."""
     if gar and act_order:
         raise ValueError("gar and actorder are exclusive: drop one of the two")
     opts = dict(PAPER_RECIPE) if paper_recipe else dict(scale_search=scale_search, codes=codes)
-    return Recipe(method="dpq", scheme=folded_scheme(group_size), order="gar" if gar else "act" if act_order else "none",
-                  damp=damp, block_size=block_size, fold="vllm", **opts)
+    if act_order:
+        opts["order"] = "act"
+    elif gar is not None:
+        opts["order"] = "gar" if gar else "none"
+    # llm-compressor calibrates on one stream (the quantized model's): no GPTAQ correction
+    opts["asym"] = False
+    return Recipe(method="dpq", scheme=folded_scheme(group_size), damp=damp, block_size=block_size, fold="vllm", **opts)
 
 
 class DPQModifier(GPTQModifier):
@@ -61,7 +67,8 @@ class DPQModifier(GPTQModifier):
 
     Settings (the names of ``vllm-dpq quantize``'s options where llm-compressor has none):
     ``group_size`` (32, 64, 128; stock vLLM serves 128 only, the DPQ plugin all three),
-    ``gar`` (group-aware reordering), ``actorder`` ("static": GPTQ act-order, fixed scales;
+    ``gar`` (group-aware reordering; on by default as in ``vllm-dpq quantize``, unless ``actorder``
+    or ``paper_recipe``), ``actorder`` ("static": GPTQ act-order, fixed scales;
     ``--act-order``), ``scale_search`` ("mse" default, "max"), ``codes`` ("nearest" default,
     "round"), ``paper_recipe`` (max scales, rounded codes), ``dampening_frac`` (``--damp``),
     ``block_size``; and llm-compressor's ``targets`` and ``ignore``. The quantization scheme is
@@ -71,7 +78,7 @@ class DPQModifier(GPTQModifier):
     """
 
     group_size: int = 128
-    gar: bool = False
+    gar: bool | None = None  # None: DPQ's default (on)
     actorder: Literal["static"] | None = None
     scale_search: Literal[SCALE_SEARCHES] | None = None  # None: DPQ's default (mse)
     codes: Literal[CODES] | None = None  # None: DPQ's default (nearest)

@@ -146,3 +146,30 @@ def test_generate_chat_or_plain_completion(tiny_dir):
         use_chat(tok, True)
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert use_chat(tok, None) is True and use_chat(tok, True) is True and use_chat(tok, False) is False
+
+
+def recipe_of(*argv):
+    import argparse
+
+    from calibration.cli import add_arguments, recipe_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return recipe_from_args(p.parse_args(["model", "out", "--data", "text.txt", *argv]))
+
+
+def test_default_recipe_is_gar_with_asymmetric_calibration():
+    default = recipe_of()
+    assert (default.method, default.order, default.asym) == ("dpq", "gar", True)
+    assert default == recipe_of("--gar", "--asym-calib")  # what the accuracy rows spell out
+    plain = recipe_of("--no-gar", "--no-asym-calib")
+    assert (plain.order, plain.asym) == ("none", False) and plain != default
+    assert recipe_of("--act-order").order == "act"
+    # standard GPTQ and RTN stay what their users know
+    for method in ("gptq", "rtn"):
+        r = recipe_of("--method", method)
+        assert (r.order, r.asym) == ("none", False)
+    # the paper's recipe has neither lever unless asked; explicit choices win
+    paper = recipe_of("--paper-recipe")
+    assert (paper.order, paper.asym, paper.scale_search, paper.codes) == ("none", False, "max", "round")
+    assert (recipe_of("--paper-recipe", "--gar").order, recipe_of("--paper-recipe", "--asym-calib").asym) == ("gar", True)
