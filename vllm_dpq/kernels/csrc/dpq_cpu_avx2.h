@@ -112,7 +112,9 @@ static inline void tile_rows_k(const float* tile, int64_t ld, const float* x, in
 // vector load per row and weight row), one chain at a time, the 8 chains added in hsum4's tree:
 // the same bits as tile_rows_k, so the form M picks does not change a row's output.
 constexpr int MRO = 6;  // 12 accumulators + 2 weight vectors + 1 broadcast of 16 registers
-constexpr int64_t OUTER_MIN_M = 64;  // below: the dot form (A/B at M = 32: 0.87-0.93x of it)
+// OUTER_MIN_M, tuned (forced AVX2, one thread, SmolLM2's shapes summed, 9-13 runs): the dot form
+// is 1.10x this one at M = 32, a tie at 48 (1.02x), 0.97x at 64, 0.88-0.95x from 96 to 256.
+constexpr int64_t OUTER_MIN_M = 64;  // below: the dot form
 static void chain_tile(const float* tile, int64_t ld, uint32_t* out) {
   for (int h = 0; h < NR; h += W)
     for (int64_t p = 0; p < ld; p += W) {
