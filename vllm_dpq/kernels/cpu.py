@@ -8,7 +8,7 @@ use with the machine's compiler, AVX-512 or AVX2 chosen at run time) computes th
   activations   quantized in one pass (bf16, fp16 or fp32 in; the output has their dtype)
   weights       per block of 32 (AVX-512) or 16 (AVX2) output rows, the FP8 values are made
                 into a cache-resident tile, once per 1024 activation rows, through a table of
-                the 16 chain values of every bf16 scale (2 MiB per process), the next
+                the 16 chain values of every bf16 scale (2 MiB per process; AVX2: 4), the next
                 block's codes prefetched meanwhile; no full-size temporary
   GEMM          register-blocked over that tile, fp32 accumulation: bf16 pair dot products
                 (vdpbf16ps) on CPUs with AVX512-BF16, fp32 FMA elsewhere. Each output is summed

@@ -55,16 +55,38 @@ const uint16_t* make_chain_table(float fp8_max) {
   return made.back().second.get();
 }
 
-// chain_table for every linear call: the last table this thread used, without the lock
-const uint16_t* chain_table(float fp8_max) {
+// The same values in the AVX2 kernel's layout: per bf16 value s, the low bytes of its 16 chain
+// values, then their high bytes ([65536][32] bytes, 2 MiB: two vpshufb tables per load); made
+// once per fp8_max from make_chain_table, by processes that run the AVX2 code.
+const uint8_t* make_split_table(float fp8_max) {
+  static std::mutex mu;
+  static std::vector<std::pair<float, std::unique_ptr<uint8_t[]>>> made;
+  const uint16_t* chain = make_chain_table(fp8_max);
+  std::lock_guard<std::mutex> lock(mu);
+  for (const auto& [f, t] : made)
+    if (f == fp8_max) return t.get();
+  auto t = std::make_unique<uint8_t[]>(65536 * 32);
+  for (int64_t i = 0; i < 65536 * 16; ++i) {
+    t[i / 16 * 32 + i % 16] = static_cast<uint8_t>(chain[i]);
+    t[i / 16 * 32 + 16 + i % 16] = static_cast<uint8_t>(chain[i] >> 8);
+  }
+  made.emplace_back(fp8_max, std::move(t));
+  return made.back().second.get();
+}
+
+// a table for every linear call: the last one this thread made, without the lock
+template <typename T, const T* (*Make)(float)>
+const T* last_table(float fp8_max) {
   thread_local float last_max = 0.0f;
-  thread_local const uint16_t* last = nullptr;
+  thread_local const T* last = nullptr;
   if (last == nullptr || last_max != fp8_max) {
-    last = make_chain_table(fp8_max);
+    last = Make(fp8_max);
     last_max = fp8_max;
   }
   return last;
 }
+const uint16_t* chain_table(float fp8_max) { return last_table<uint16_t, make_chain_table>(fp8_max); }
+const uint8_t* split_table(float fp8_max) { return last_table<uint8_t, make_split_table>(fp8_max); }
 
 // the bf16 bits of every float8_e4m3fn value
 const uint16_t* fp8_bf16_bits() {
@@ -93,12 +115,15 @@ struct Weights {
   bool fp8_scales;
   int64_t n, k, kw, group, groups;
   const uint16_t* chain;  // chain_table(fp8_max)
+  const uint8_t* split;   // split_table(fp8_max) for the AVX2 code, else null
   ScaleRow scale_row(int64_t r) const {
     const char* base = static_cast<const char*>(scales) + r * groups * (fp8_scales ? 1 : 2);
     return ScaleRow{base, fp8_scales};
   }
   // the 16 chain values of scale g of row sr, bf16 words
   const uint16_t* table(const ScaleRow& sr, int64_t g) const { return chain + 16 * sr.bits(g); }
+  // the same as 16 low bytes, then 16 high bytes
+  const uint8_t* split_bytes(const ScaleRow& sr, int64_t g) const { return split + 32 * sr.bits(g); }
 };
 
 // What the epilogue needs: y[m, n] = (acc * s_x[m]) * s_w[n] (+ bias[n]), rounded to y's dtype.
@@ -218,7 +243,8 @@ Weights weights_of(const at::Tensor& packed, const at::Tensor& group_scale, int6
   const bool fp8 = group_scale.scalar_type() == at::kFloat8_e4m3fn;
   TORCH_CHECK(fp8 || group_scale.scalar_type() == at::kBFloat16, "group scales must be bf16 or float8_e4m3fn");
   return Weights{packed.data_ptr<int32_t>(), group_scale.data_ptr(), fp8, packed.size(0), k, packed.size(1),
-                 group, groups, chain_table(static_cast<float>(fp8_max))};
+                 group, groups, chain_table(static_cast<float>(fp8_max)),
+                 isa() == Isa::avx2 ? split_table(static_cast<float>(fp8_max)) : nullptr};
 }
 
 // x [M, K] -> (x8 [M, ld] FP8 values in dtype (fp32 or bf16), zero beyond K, in the bf16 GEMM's
@@ -226,7 +252,7 @@ Weights weights_of(const at::Tensor& packed, const at::Tensor& group_scale, int6
 // segment [offsets[i], offsets[i+1]) when offsets (a grouped call's experts) are given.
 std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10::optional<at::Tensor>& input_scale,
                                                  double fp8_max, int64_t ld, at::ScalarType dtype,
-                                                 bool pair_order = false,
+                                                 bool gemm_order = false,
                                                  const std::vector<int64_t>* offsets = nullptr) {
   TORCH_CHECK(x.dim() == 2, "activations must be 2-D");
   const at::Tensor xc = x.contiguous();
@@ -255,9 +281,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10:
         if (r0 >= r1) continue;
         const float* gs = sp ? sp + (offsets ? g : 0) : nullptr;
         switch (xc.scalar_type()) {
-          case at::kFloat: DPQ_ISA(quantize_rows(xc.data_ptr<float>(), k, fm, gs, o, ld, s, r0, r1, pair_order)); break;
-          case at::kBFloat16: DPQ_ISA(quantize_rows(xc.data_ptr<c10::BFloat16>(), k, fm, gs, o, ld, s, r0, r1, pair_order)); break;
-          default: DPQ_ISA(quantize_rows(xc.data_ptr<c10::Half>(), k, fm, gs, o, ld, s, r0, r1, pair_order));
+          case at::kFloat: DPQ_ISA(quantize_rows(xc.data_ptr<float>(), k, fm, gs, o, ld, s, r0, r1, gemm_order)); break;
+          case at::kBFloat16: DPQ_ISA(quantize_rows(xc.data_ptr<c10::BFloat16>(), k, fm, gs, o, ld, s, r0, r1, gemm_order)); break;
+          default: DPQ_ISA(quantize_rows(xc.data_ptr<c10::Half>(), k, fm, gs, o, ld, s, r0, r1, gemm_order));
         }
       }
     };
@@ -377,11 +403,12 @@ at::Tensor gemm(const at::Tensor& x, const std::vector<int64_t>& offsets, const 
                 bool gemm_bf16, int64_t n, const std::vector<int64_t>& skip = {}) {
   const int64_t k = weights.front().k;
   at::Tensor y = at::empty({x.size(0), n}, x.options());
-  // bf16 pair slots where groups are whole 32-column chunks, else fp32 (the same exact products)
-  const bool pairs = gemm_bf16 && avx512bf16::chunks32_ok(weights.front());
-  const int64_t ldx = pairs ? (k + 31) / 32 * 16 : k;  // slots per activation row
+  // bf16 pair slots where groups are whole 32-column chunks, else fp32 (the same exact products);
+  // the AVX2 code's fp32 GEMM takes x in its own order of 64-column chunks
+  const bool pairs = gemm_bf16 && avx512bf16::chunks32_ok(weights.front()), lanes_k = !pairs && isa() == Isa::avx2;
+  const int64_t ldx = pairs ? (k + 31) / 32 * 16 : lanes_k ? (k + 63) / 64 * 64 : k;  // slots per activation row
   auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, pairs ? 2 * ldx : ldx, pairs ? at::kBFloat16 : at::kFloat,
-                                pairs, offsets.size() > 2 ? &offsets : nullptr);
+                                pairs || lanes_k, offsets.size() > 2 ? &offsets : nullptr);
   std::vector<Group> groups;
   for (size_t g = 0; g < weights.size(); ++g) {
     if (offsets[g] == offsets[g + 1] || std::find(skip.begin(), skip.end(), (int64_t)g) != skip.end()) continue;

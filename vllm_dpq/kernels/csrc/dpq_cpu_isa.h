@@ -130,6 +130,25 @@ static inline vf lookup(const Lut& t, vi idx) {
   vf a = _mm256_permutevar8x32_ps(t.lo, idx), b = _mm256_permutevar8x32_ps(t.hi, idx);
   return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
+// The fp32 GEMM's order of a 64-column chunk (make_tile_k): slot p holds column k_col(p). Vector
+// v = p / 8 comes from the even (v < 4) or odd codes' values, low or high 16 bytes of each 128-bit
+// lane, low or high bf16 word of each 32-bit pair; lane element p % 8 = 4 * lane + pair.
+static constexpr int k_col(int p) {
+  return 32 * (p / 4 % 2) + 16 * (p / 16 % 2) + 4 * (p % 4) + 2 * (p / 8 % 2) + p / 32;
+}
+// o[p] = r[k_col(p)], p < 64: per half h, a 4 x 4 transpose within each 128-bit lane (lane l: columns
+// 32l + 16h + 4d + i, rows d) gives the vectors of columns 4d + i
+static inline void k_order(const float* r, float* o) {
+  for (int h = 0; h < 2; ++h) {
+    __m256 v[4];
+    for (int d = 0; d < 4; ++d) v[d] = _mm256_loadu2_m128(r + 32 + 16 * h + 4 * d, r + 16 * h + 4 * d);
+    const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    const __m256 c[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xee), _mm256_shuffle_ps(t1, t3, 0x44),
+                         _mm256_shuffle_ps(t1, t3, 0xee)};
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + 8 * (4 * (i % 2) + 2 * h + i / 2), c[i]);
+  }
+}
 #endif
 
 // clamp(x, -lim, lim) rounded to the nearest e4m3 value, ties to even; fp32 lanes.
@@ -224,13 +243,13 @@ static inline vf load_x(const T* p, int n) {
 // Quantize activation rows [m0, m1) of x [M, K] to FP8 values (x8 [M, ldo] as O = float or
 // bf16, columns K..ldo zero) and their scales s_x [M] (dynamic: amax / fp8_max, at least
 // FLT_MIN; static: the given scale). x is read once: into a fp32 row buffer, with its amax.
-// pair_order (bf16, AVX-512, ldo a multiple of 32): each 32 columns stored in the bf16 GEMM's
-// order, even columns then odd ones.
+// gemm_order: each chunk stored in the order of this ISA's GEMM: bf16 pairs (AVX-512, ldo a
+// multiple of 32: even columns then odd ones), or the AVX2 fp32 GEMM's (ldo a multiple of 64: k_col).
 template <typename T, typename O>
 static void quantize_rows(const T* x, int64_t k, float fp8_max, const float* static_scale, O* x8, int64_t ldo,
-                          float* sx, int64_t m0, int64_t m1, bool pair_order) {
+                          float* sx, int64_t m0, int64_t m1, bool gemm_order) {
   const vf lim = vset1(fp8_max);
-  std::vector<float> row(k + W);
+  std::vector<float> row(std::max(k + W, ldo));
   for (int64_t m = m0; m < m1; ++m) {
     const T* xr = x + m * k;
     O* o = x8 + m * ldo;
@@ -254,11 +273,18 @@ static void quantize_rows(const T* x, int64_t k, float fp8_max, const float* sta
       }
     }
     for (int64_t j = k; j < ldo; ++j) o[j] = O(0.0f);
-#if DPQ_AVX512
+#if !DPQ_AVX512
+    if constexpr (std::is_same_v<O, float>) {
+      if (gemm_order) {
+        std::copy(o, o + ldo, row.data());
+        for (int64_t j = 0; j < ldo; j += 64) k_order(row.data() + j, o + j);
+      }
+    }
+#else
     if constexpr (std::is_same_v<O, c10::BFloat16>) {
       const __m512i order = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24, 22,
                                              20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-      for (int64_t j = 0; pair_order && j < ldo; j += 32)
+      for (int64_t j = 0; gemm_order && j < ldo; j += 32)
         _mm512_storeu_si512(o + j, _mm512_permutexvar_epi16(order, _mm512_loadu_si512(o + j)));
     }
 #endif
@@ -314,15 +340,10 @@ static constexpr int chains_at_once(int chains, int per_chain, int budget) {
 template <typename T>
 static inline void store_out(const Epilogue& e, int64_t m, int64_t j, vf acc, T* y);
 
-// -- fp32 (every ISA): the values of W rows (RowBlock, lanes over K) transposed in registers into
-// a tile [slot][NR], one fp32 value per slot; one FMA per slot and row; chain c: slots c + 4i.
-constexpr int CHAINS = 4;
 #if DPQ_AVX512
-constexpr int MR = 12;  // 24 accumulators + 2 weight vectors + 1 broadcast of 32 registers
 static inline vi vunpack32(vi a, vi b, bool hi) { return hi ? _mm512_unpackhi_epi32(a, b) : _mm512_unpacklo_epi32(a, b); }
 static inline vi vunpack64(vi a, vi b, bool hi) { return hi ? _mm512_unpackhi_epi64(a, b) : _mm512_unpacklo_epi64(a, b); }
 #else
-constexpr int MR = 6;  // 12 accumulators + 2 weight vectors + 1 broadcast of 16 registers
 static inline vi vunpack32(vi a, vi b, bool hi) { return hi ? _mm256_unpackhi_epi32(a, b) : _mm256_unpacklo_epi32(a, b); }
 static inline vi vunpack64(vi a, vi b, bool hi) { return hi ? _mm256_unpackhi_epi64(a, b) : _mm256_unpacklo_epi64(a, b); }
 #endif
@@ -357,6 +378,23 @@ static inline void transpose(vi r[W]) {
   for (int i = 0; i < W; ++i) r[i] = t[i];
 }
 
+#if DPQ_AVX512
+// -- fp32 (AVX-512): the values of W rows (RowBlock, lanes over K) transposed in registers into
+// a tile [slot][NR], one fp32 value per slot; one FMA per slot and row; chain c: slots c + 4i.
+constexpr int CHAINS = 4;
+constexpr int MR = 12;  // 24 accumulators + 2 weight vectors + 1 broadcast of 32 registers
+
+// acc[i][h] += x[i * ldx + p] * the tile's slot p (rows h * W..)
+template <int MR_>
+static inline void slot_step(const uint32_t* tile, const float* x, int64_t ldx, int64_t p, vf acc[MR_][2]) {
+  const vf w0 = vcast(vloadi(tile + p * NR)), w1 = vcast(vloadi(tile + p * NR + W));
+  for (int i = 0; i < MR_; ++i) {
+    const vf xb = vset1(x[i * ldx + p]);
+    acc[i][0] = vfma(xb, w0, acc[i][0]);
+    acc[i][1] = vfma(xb, w1, acc[i][1]);
+  }
+}
+
 // the tile of weight rows [n0, n0 + NR): tile[slot][NR] (slots rounded up to W)
 static void make_tile(const Weights& w, int64_t n0, int64_t slots, uint32_t* tile, int64_t prefetch_n0) {
   Prefetch next(w, prefetch_n0, 2 * ((slots + W - 1) / W));
@@ -369,17 +407,6 @@ static void make_tile(const Weights& w, int64_t n0, int64_t slots, uint32_t* til
       transpose(r);
       for (int i = 0; i < W; ++i) vstorei(tile + (s + i) * NR + h, r[i]);
     }
-  }
-}
-
-// acc[i][h] += x[i * ldx + p] * the tile's slot p (rows h * W..)
-template <int MR_>
-static inline void slot_step(const uint32_t* tile, const float* x, int64_t ldx, int64_t p, vf acc[MR_][2]) {
-  const vf w0 = vcast(vloadi(tile + p * NR)), w1 = vcast(vloadi(tile + p * NR + W));
-  for (int i = 0; i < MR_; ++i) {
-    const vf xb = vset1(x[i * ldx + p]);
-    acc[i][0] = vfma(xb, w0, acc[i][0]);
-    acc[i][1] = vfma(xb, w1, acc[i][1]);
   }
 }
 
@@ -407,6 +434,9 @@ static inline void tile_rows(const uint32_t* tile, int64_t slots, const float* x
     store_out(e, m0 + i, n0 + W, sum[i][1], y);
   }
 }
+#else
+#include "dpq_cpu_avx2.h"
+#endif
 
 #if DPQ_BF16
 // -- bf16 pairs (AVX512-BF16; groups that are whole 32-column chunks, or one group): vdpbf16ps
@@ -416,7 +446,7 @@ static inline void tile_rows(const uint32_t* tile, int64_t slots, const float* x
 // bytes of the bf16 values of the even and of the odd codes. Interleaving those bytes gives four
 // vectors, slot sets j = 0..3, each with four pair slots of each row: columns (0,2)..(12,14) of the
 // chunk, (16,18)..(28,30), (1,3)..(13,15), (17,19)..(29,31); the activations are stored in that
-// order (quantize_rows' pair_order), so a 128-bit broadcast of x multiplies a set. A row's output
+// order (quantize_rows' gemm_order), so a 128-bit broadcast of x multiplies a set. A row's output
 // sums its lane's four slots at the end; chain g: sets 2g and 2g + 1 of every chunk, in order (two
 // chains: long passes over K at large M, where they run one after another). The lanes of quad q of a
 // 16-row half hold rows q, q + 4, q + 8, q + 12, so that these sums come out in row order.
@@ -554,10 +584,26 @@ static void gemm_block(const Weights& w, const slot_t* x8, int64_t ldx, int64_t 
   }
 #endif
   const float* x = reinterpret_cast<const float*>(x8);
+#if DPQ_AVX512
   tile.resize(NR * ((w.k + W - 1) / W * W));
   make_tile(w, n0, w.k, tile.data(), prefetch_n0);
   rows([&](auto mr, int64_t m) { tile_rows<decltype(mr)::value>(tile.data(), w.k, x, ldx, m, n0, e, y); },
        std::integral_constant<int, MR>{});
+#else
+  // the tile (ldx: K rounded up to 64), then its chain order or the accumulators kept between slices
+  tile.resize(NR * ldx + std::max(NR * ldx, (m1 - m0) * NR * W));
+  float* t = reinterpret_cast<float*>(tile.data());
+  make_tile_k(w, n0, ldx, t, prefetch_n0);
+  if (m1 - m0 >= OUTER_MIN_M) {
+    chain_tile(t, ldx, tile.data() + NR * ldx);
+    return rows([&](auto mr, int64_t m) { tile_rows_outer<decltype(mr)::value>(tile.data() + NR * ldx, ldx, x, m, n0, e, y); },
+                std::integral_constant<int, MRO>{});
+  }
+  for (int64_t s = 0; s < ldx; s += KS)
+    rows([&](auto mr, int64_t m) {
+      tile_rows_k<decltype(mr)::value>(t, ldx, x, m, s, std::min(ldx, s + KS), t + NR * ldx + (m - m0) * NR * W, n0, e, y);
+    }, std::integral_constant<int, MR>{});
+#endif
 }
 
 // y[m, n] = (acc[m, n] * s_x[m]) * s_w[n] (+ bias[n]) in fp32, rounded to T (nearest even):
