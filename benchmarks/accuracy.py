@@ -152,6 +152,8 @@ def main() -> int:
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                    help="compute dtype of calibration forwards and evaluation (float32 on CPUs without fast bf16)")
+    p.add_argument("--activations", nargs="+", choices=("static", "dynamic"), default=["static", "dynamic"],
+                   help="FP8 activation scales the W4A8 rows are evaluated with (default: both)")
     p.add_argument("--work", type=Path, default=ROOT / "results" / "accuracy-ckpts")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "accuracy")
     p.add_argument("--report-only", action="store_true", help="only render OUT.md / OUT.png from OUT.json")
@@ -199,7 +201,7 @@ def main() -> int:
             r = results.setdefault(key, {})
             r.update({k: v for k, v in quantize(model_dir, ckpt, CONFIGS[c][1], g, a).items()
                       if k in ("calibration_seconds", "total_seconds", "peak_rss_gib")})
-            evals = [("w4a8-static", "w4a8", "static"), ("w4a8-dynamic", "w4a8", "dynamic")]
+            evals = [(f"w4a8-{act}", "w4a8", act) for act in a.activations]
             if CONFIGS[c][2]:
                 evals.append(("w4a16", "w4a16", "dynamic"))
             for name, mode, act in evals:

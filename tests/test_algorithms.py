@@ -52,7 +52,7 @@ def test_dpq_with_exact_fp8_is_gptq(monkeypatch, codes):
     w, _, h = correlated_layer(n=64, k=256)
     scheme = Scheme(group_size=32)
     gptq = quantize_layer(w, h, Recipe(method="gptq", scheme=scheme, codes=codes, scale_search="mse",
-                                       refit_scales=False))  # dpq's defaults
+                                       refit_scales=False, order="gar"))  # dpq's defaults
     for module in ("calibration.algorithms", "vllm_dpq.numerics"):  # every use of the FP8 rounding
         monkeypatch.setattr(f"{module}.fp8_round", lambda v, fp8_max: v.float())
     dpq = quantize_layer(w, h, Recipe(method="dpq", scheme=scheme, codes=codes))
@@ -61,12 +61,14 @@ def test_dpq_with_exact_fp8_is_gptq(monkeypatch, codes):
 
 
 def test_recipe_defaults_per_method():
-    """dpq keeps its recipe; gptq defaults to standard GPTQ; explicit values win."""
-    fields = lambda r: (r.scale_search, r.codes, r.refit_scales)  # noqa: E731
-    assert fields(Recipe()) == fields(Recipe(method="dpq")) == ("mse", "nearest", False)
-    assert fields(Recipe(method="rtn")) == ("mse", "nearest", False)
-    assert fields(Recipe(method="gptq")) == ("max", "round", True)
-    assert fields(Recipe(method="gptq", refit_scales=False, scale_search="mse")) == ("mse", "round", False)
+    """dpq: GAR and asymmetric calibration on; gptq defaults to standard GPTQ; explicit values win."""
+    fields = lambda r: (r.order, r.asym, r.scale_search, r.codes, r.refit_scales)  # noqa: E731
+    assert fields(Recipe()) == fields(Recipe(method="dpq")) == ("gar", True, "mse", "nearest", False)
+    assert fields(Recipe(method="rtn")) == ("none", False, "mse", "nearest", False)
+    assert fields(Recipe(method="gptq")) == ("none", False, "max", "round", True)
+    assert fields(Recipe(method="gptq", refit_scales=False, scale_search="mse")) == \
+        ("none", False, "mse", "round", False)
+    assert fields(Recipe(order="none", asym=False)) == ("none", False, "mse", "nearest", False)
     assert Recipe(method="gptq", order="act").refit_scales is False  # act-order needs fixed scales
     assert list(Recipe().to_dict()) == ["method", "order", "damp", "block_size", "scale_search", "codes",
                                         "refit_scales", "hessian_fp8", "fold", "experts", "expert_min_tokens",
@@ -111,7 +113,7 @@ def test_gar_permutation_is_undone():
     w = torch.randn(32, 96, generator=g)
     h = torch.diag(torch.rand(96, generator=g) + 0.1)
     for method in ("gptq", "dpq"):
-        plain = quantize_layer(w, h, Recipe(method=method, scheme=Scheme(32)))
+        plain = quantize_layer(w, h, Recipe(method=method, scheme=Scheme(32), order="none"))
         gar = quantize_layer(w, h, Recipe(method=method, scheme=Scheme(32), order="gar"))
         act = quantize_layer(w, h, Recipe(method=method, scheme=Scheme(32), order="act"))
         assert torch.equal(plain.qw.q, gar.qw.q) and torch.equal(plain.qw.q, act.qw.q)
@@ -120,7 +122,7 @@ def test_gar_permutation_is_undone():
 
 def test_gar_changes_result_with_correlations():
     w, x, h = correlated_layer(n=64, k=256)
-    a = quantize_layer(w, h, Recipe(method="dpq", scheme=Scheme(32)))
+    a = quantize_layer(w, h, Recipe(method="dpq", scheme=Scheme(32), order="none"))
     b = quantize_layer(w, h, Recipe(method="dpq", scheme=Scheme(32), order="gar"))
     assert not torch.equal(a.qw.q, b.qw.q)
 

@@ -98,7 +98,7 @@ def test_asym_calib_in_the_pipeline(tmp_path):
     same codes (both input streams are committed)."""
     from calibration.resume import CalibrationState
 
-    plain = _calibrate_tiny(Recipe(scheme=Scheme(32)))
+    plain = _calibrate_tiny(Recipe(scheme=Scheme(32), asym=False))
     recipe = Recipe(scheme=Scheme(32), asym=True)
     asym = _calibrate_tiny(recipe)
     assert plain.keys() == asym.keys()
@@ -203,7 +203,7 @@ def test_tune_in_the_pipeline():
     Linear is still a valid DPQ layer, and nothing breaks the resume-free flow."""
     from vllm_dpq.format import layer_tensors, validate_layer
 
-    for recipe in (Recipe(scheme=Scheme(32), tune_steps=3), Recipe(scheme=Scheme(32), tune_steps=3, asym=True)):
+    for recipe in (Recipe(scheme=Scheme(32), tune_steps=3, asym=False), Recipe(scheme=Scheme(32), tune_steps=3)):
         for name, qw in _calibrate_tiny(recipe).items():
             n, k = qw.q.shape
             validate_layer(name, layer_tensors(name, qw, None), n, k, recipe.scheme)
