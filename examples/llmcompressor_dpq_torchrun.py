@@ -8,7 +8,7 @@ Each rank runs the model on its own share of the calibration windows; for every 
 llm-compressor sums the ranks' Hessians on the rank it assigns the layer to, that rank quantizes
 it with DPQ, and every rank gets the result; every rank calls save_pretrained (collective:
 the ranks compress their shares, rank 0 writes). Checked on CPU with gloo (tests/llmcompressor_venv):
-the checkpoint equals the one-process one bit for bit (with OMP_NUM_THREADS=1, as torchrun sets).
+the checkpoint equals the one-process one up to float summation order. Not run on GPUs here.
 Two departures from llm-compressor 0.14's own multi-GPU recipe:
   - without an accelerator ``compressed_tensors.distributed.init_dist()`` fails
     (``torch.accelerator.current_accelerator()`` is None): the gloo process group is made here;
