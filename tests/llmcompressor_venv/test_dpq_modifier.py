@@ -196,6 +196,50 @@ def test_hessian_is_llmcompressors_per_sequence_average(ckpts):
     torch.testing.assert_close(h, 2 * x.t() @ x / SAMPLES, rtol=1e-4, atol=1e-3)
 
 
+def test_torchrun_two_cpu_ranks_write_the_one_process_checkpoint(tmp_path):
+    """llm-compressor's multi-process path (torchrun, gloo on CPU) with DPQModifier, through
+    examples/llmcompressor_dpq_torchrun.py: the 7 layers split over the two ranks, Hessians
+    summed over both ranks' windows. One decoder layer, so that every Hessian is of unquantized
+    inputs: the checkpoint then equals one process's on the same windows up to float summation
+    order (scales equal, < 0.1% of codes; each rank alone sees half the windows, which moves
+    far more). Deeper layers are not compared: there one flipped code upstream changes the
+    next layer's Hessian, and on this tiny random model 1 vs 2 threads in ONE process already
+    moves 4-20% of layer 1's codes."""
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[2]
+    example = root / "examples" / "llmcompressor_dpq_torchrun.py"
+    from vllm_dpq.packing import unpack_int4
+
+    src = save_tiny_model_dir(tmp_path / "src", layers=1, dtype=torch.bfloat16, **MODEL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    args = [str(src), "--samples", "8", "--seq-len", "64", "--group-size", "64"]
+    logs = {}
+    for name, launch in (("one", [sys.executable]),
+                         ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        r = subprocess.run([*launch, str(example), args[0], str(tmp_path / name), *args[1:]], env=env,
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        logs[name] = r.stdout + r.stderr
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert sorted(one) == sorted(two) and any(k.endswith(".weight_packed") for k in one)
+    for k in one:
+        if k.endswith(".weight_packed"):
+            n, kk = k[: -len(".weight_packed")], int(one[k.replace("packed", "shape")][1])
+            moved = (unpack_int4(one[k], kk) != unpack_int4(two[k], kk)).float().mean().item()
+            assert moved < 1e-3, (n, moved)
+        else:  # scales, shapes and the unquantized tensors: equal
+            assert torch.equal(one[k], two[k]), k
+    # both ranks quantized a share of the layers (llm-compressor's loguru lines carry the rank)
+    for rank in (0, 1):
+        assert f"[Rank {rank}]" in logs["two"] and any(
+            f"[Rank {rank}]" in line and "DPQ: quantizing" in line for line in logs["two"].splitlines())
+
+
 if __name__ == "__main__":  # python tests/llmcompressor_venv/test_dpq_modifier.py OUT: the checkpoints, for serving
     made = make_checkpoints(Path(sys.argv[1]))
     print(json.dumps({name: str(path) for name, (_, path, _) in made.items()}))
