@@ -115,9 +115,12 @@ def test_modifier_settings_and_refusals():
     assert (r.method, r.fold, r.order, r.codes, r.scale_search, r.damp, r.block_size) == \
         ("dpq", "vllm", "gar", "round", "mse", 0.05, 64)
     assert (r.scheme.group_size, r.scheme.weight_scale, r.scheme.group_scale_dtype) == (64, "channel", "float8_e4m3fn")
+    d = llmc.DPQModifier().dpq_recipe()  # the CLI's default GAR; no GPTAQ (one activation stream)
+    assert (d.order, d.asym, d.scheme.group_size) == ("gar", False, 128)
     assert llmc.DPQModifier(actorder="static").dpq_recipe().order == "act"
+    assert llmc.DPQModifier(gar=False).dpq_recipe().order == "none"
     p = llmc.DPQModifier(paper_recipe=True).dpq_recipe()
-    assert (p.scale_search, p.codes, p.refit_scales) == ("max", "round", False)
+    assert (p.scale_search, p.codes, p.refit_scales, p.order, p.asym) == ("max", "round", False, "none", False)
     for bad, msg in ((dict(gar=True, actorder="static"), "exclusive"), (dict(group_size=-1), "positive"),
                      (dict(scheme="W4A16"), "drop scheme"), (dict(scale_search="min"), "scale_search"),
                      (dict(dampening_frac=1.5), "damp")):
