@@ -1,11 +1,13 @@
-"""Accuracy table (docs/EVAL_PROTOCOL.md) on the demo model: BF16, RTN/GPTQ W4A16, and
-RTN / GPTQ (FP8-unaware) / DPQ / DPQ+GAR W4A8 with static and dynamic FP8 activations.
+"""Accuracy table (docs/EVAL_PROTOCOL.md) on the demo model (or --model): BF16, RTN/GPTQ W4A16,
+and RTN / GPTQ (FP8-unaware) / DPQ / DPQ+GAR / the default DPQ recipe W4A8 with static and
+dynamic FP8 activations.
 
 Each configuration is calibrated by `vllm-dpq quantize` in a fresh process (so its wall time
-and peak RSS are its own), then evaluated with the reference forward:
-  w4a16        the INT4 weight alone (s_w * q * s_g)
-  w4a8-static  the served numerics with the checkpoint's static FP8 activation scales
-  w4a8-dynamic the served numerics with dynamic per-token FP8 activation scales
+and peak RSS are its own), then its perplexity evaluated with the reference forward (OUT.json:
+one row per config and group, e.g. `default-g32`, with these fields):
+  ppl-w4a16         the INT4 weight alone (s_w * q * s_g)
+  ppl-w4a8-static   the served numerics with the checkpoint's static FP8 activation scales
+  ppl-w4a8-dynamic  the served numerics with dynamic per-token FP8 activation scales
 `--dtype bfloat16` (default): calibration forwards in bf16, the model evaluated in bf16 with
 the CPU backend's GEMM numerics (what vLLM on CPU computes). `--dtype float32`: fp32 for the
 calibration forwards, the model and the GEMMs (the FP8 products are exact either way), for
@@ -87,8 +89,8 @@ def quantize(model_dir: Path, ckpt: Path, args_q: list[str], group: int, a) -> d
 
 
 def markdown(results: dict, groups: list[int], configs: list[str]) -> str:
-    cols = [(g, v) for g in groups for v in ("w4a8-static", "w4a8-dynamic")]
-    head = "| method | " + " | ".join(f"g{g} {v.replace('w4a8-', 'W4A8 ')}" for g, v in cols) + \
+    cols = [(g, v) for g in groups for v in ("ppl-w4a8-static", "ppl-w4a8-dynamic")]
+    head = "| method | " + " | ".join(f"g{g} {v.replace('ppl-w4a8-', 'W4A8 ')}" for g, v in cols) + \
            " | " + " | ".join(f"g{g} W4A16" for g in groups) + " | " + \
            " | ".join(f"g{g} calib s / peak GiB" for g in groups) + " |"
     lines = [head, "|" + "---|" * (1 + len(cols) + 2 * len(groups))]
@@ -102,7 +104,7 @@ def markdown(results: dict, groups: list[int], configs: list[str]) -> str:
             x = results.get(f"{c}-g{g}", {}).get(v)
             row.append(f"{x:.2f}" if x else "")
         for g in groups:
-            x = results.get(f"{c}-g{g}", {}).get("w4a16")
+            x = results.get(f"{c}-g{g}", {}).get("ppl-w4a16")
             row.append(f"{x:.2f}" if x else "")
         for g in groups:
             r = results.get(f"{c}-g{g}", {})
@@ -122,15 +124,15 @@ def plot(results: dict, groups: list[int], configs: list[str], path: Path) -> No
         return
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / (2 * len(groups))
-    for i, (g, v) in enumerate((g, v) for g in groups for v in ("w4a8-static", "w4a8-dynamic")):
+    for i, (g, v) in enumerate((g, v) for g in groups for v in ("ppl-w4a8-static", "ppl-w4a8-dynamic")):
         ys = [results.get(f"{c}-g{g}", {}).get(v, 0) for c in configs]
-        ax.bar([j + i * width for j in range(len(configs))], ys, width, label=f"g{g} {v}")
+        ax.bar([j + i * width for j in range(len(configs))], ys, width, label=f"g{g} {v.removeprefix('ppl-')}")
     if results.get("bf16"):
         ax.axhline(results["bf16"], color="k", linestyle="--", label=f"BF16 {results['bf16']:.2f}")
     ax.set_xticks([j + width * (2 * len(groups) - 1) / 2 for j in range(len(configs))])
     ax.set_xticklabels([CONFIGS[c][0] for c in configs], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("perplexity (lower is better)")
-    vals = [v for r in results.values() if isinstance(r, dict) for k, v in r.items() if k.startswith("w4a8")]
+    vals = [v for r in results.values() if isinstance(r, dict) for k, v in r.items() if k.startswith("ppl-w4a8")]
     if vals:
         ax.set_ylim(min(vals + [results.get("bf16", min(vals))]) * 0.9, max(vals) * 1.05)
     setup = results.get("setup", {})
@@ -201,9 +203,9 @@ def main() -> int:
             r = results.setdefault(key, {})
             r.update({k: v for k, v in quantize(model_dir, ckpt, CONFIGS[c][1], g, a).items()
                       if k in ("calibration_seconds", "total_seconds", "peak_rss_gib")})
-            evals = [(f"w4a8-{act}", "w4a8", act) for act in a.activations]
+            evals = [(f"ppl-w4a8-{act}", "w4a8", act) for act in a.activations]
             if CONFIGS[c][2]:
-                evals.append(("w4a16", "w4a16", "dynamic"))
+                evals.append(("ppl-w4a16", "w4a16", "dynamic"))
             for name, mode, act in evals:
                 if name not in r:
                     t = time.perf_counter()
