@@ -7,8 +7,9 @@ llm-compressor venv (scripts/llmcompressor_env.sh):
 Each rank runs the model on its own share of the calibration windows; for every layer
 llm-compressor sums the ranks' Hessians on the rank it assigns the layer to, that rank quantizes
 it with DPQ, and every rank gets the result; every rank calls save_pretrained (collective:
-the ranks compress their shares, rank 0 writes). Checked on CPU with gloo (tests/llmcompressor_venv):
-the checkpoint equals the one-process one up to float summation order. Not run on GPUs here.
+the ranks compress their shares, rank 0 writes). NOT RELIABLE YET (docs/INTEROP.md): on CPU
+with gloo, two ranks, most runs saved one k_proj or v_proj with all-zero codes; compare the
+result with a one-process run before using it. Kept as the reproduction. Not run on GPUs here.
 Two departures from llm-compressor 0.14's own multi-GPU recipe:
   - without an accelerator ``compressed_tensors.distributed.init_dist()`` fails
     (``torch.accelerator.current_accelerator()`` is None): the gloo process group is made here;
@@ -39,6 +40,7 @@ p.add_argument("--text", default=str(Path(__file__).with_name("data") / "austen_
 p.add_argument("--samples", type=int, default=128)
 p.add_argument("--seq-len", type=int, default=512)
 p.add_argument("--group-size", type=int, default=128)
+p.add_argument("--gar", action=argparse.BooleanOptionalAction, default=None, help="default: DPQ's (on)")
 a = p.parse_args()
 
 distributed = "RANK" in os.environ  # under torchrun
@@ -57,7 +59,7 @@ ids = ids[rank * len(ids) // world: (rank + 1) * len(ids) // world]  # this rank
 ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 with load_offloaded_model():  # rank 0 loads, the others share its weights
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16, device_map="auto_offload")
-oneshot(model=model, dataset=ds, recipe=[DPQModifier(group_size=a.group_size, ignore=["lm_head"])],
+oneshot(model=model, dataset=ds, recipe=[DPQModifier(group_size=a.group_size, gar=a.gar, ignore=["lm_head"])],
         num_calibration_samples=len(ids), max_seq_length=a.seq_len, shuffle_calibration_samples=False)
 model.save_pretrained(a.output, save_compressed=True)  # every rank: collective
 if rank == 0:
