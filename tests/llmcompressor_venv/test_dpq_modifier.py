@@ -197,3 +197,8 @@ def test_hessian_is_llmcompressors_per_sequence_average(ckpts):
     x = x.reshape(-1, x.shape[-1])
     h = seen["model.layers.0.self_attn.q_proj"][1]
     torch.testing.assert_close(h, 2 * x.t() @ x / SAMPLES, rtol=1e-4, atol=1e-3)
+
+
+if __name__ == "__main__":  # python tests/llmcompressor_venv/test_dpq_modifier.py OUT: the checkpoints, for serving
+    made = make_checkpoints(Path(sys.argv[1]))
+    print(json.dumps({name: str(path) for name, (_, path, _) in made.items()}))
