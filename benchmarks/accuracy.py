@@ -51,6 +51,9 @@ CONFIGS = {  # name -> (label, quantize arguments, evaluate w4a16 too)
     "dpq-channel": ("DPQ + per-channel s_w", ["--method", "dpq", "--no-gar", "--no-asym-calib", "--weight-scale",
                                               "channel"], False),
     "dpq-tune": ("DPQ default + block-wise tuning", ["--method", "dpq", "--tune"], False),
+    "default-r1": ("DPQ default + rotation R1", ["--method", "dpq", "--rotate", "r1"], False),
+    "default-r1r2": ("DPQ default + rotations R1 + R2", ["--method", "dpq", "--rotate", "r1r2"], False),
+    "gptq-r1r2": ("GPTQ (FP8-unaware) + rotations R1 + R2", ["--method", "gptq", "--rotate", "r1r2"], True),
 }
 DEFAULT = "rtn,gptq,dpq,dpq-gar,default"
 DTYPES = ("bfloat16", "float32")

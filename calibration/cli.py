@@ -12,6 +12,7 @@ import time
 import torch
 
 from calibration.algorithms import CODES, EXPERT_ROUTING, METHODS, ORDERS, PAPER_RECIPE, SCALE_SEARCHES, Recipe
+from calibration.rotation import ROTATIONS
 from vllm_dpq.numerics import Scheme
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,6 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paper-recipe", action="store_true",
                    help="the DPQ paper's recipe: max scales, rounded codes, scales up front (overrides the three); "
                         "no GAR or asymmetric calibration unless asked")
+    p.add_argument("--rotate", choices=ROTATIONS, default="none",
+                   help="fuse a rotation into the weights before calibration (QuaRot/SpinQuant): r1 the residual "
+                        "stream, r1r2 also each head's values; the same function, served as a plain model; unties "
+                        "tied embeddings (Llama, Mistral, Qwen2/3, Granite; docs/ALGORITHMS.md)")
     p.add_argument("--target", choices=("dpq", "compressed-tensors"), default="dpq",
                    help="compressed-tensors: group 128, per-channel s_w, FP8 group scales, dynamic activations, "
                         "scales fitted in stock vLLM's folded form, so `vllm-dpq export` is exact (docs/INTEROP.md)")
@@ -159,12 +164,14 @@ def expert_report(result) -> list[str]:
 
 
 def run(args) -> int:
+    import shutil
     from pathlib import Path
 
     from calibration.data import calibration_mix
-    from calibration.model import check_supported, load_model, load_tokenizer
+    from calibration.model import check_supported, load_model, load_tokenizer, local_folder
     from calibration.pipeline import calibrate
     from calibration.resume import CalibrationState, samples_digest, work_dir_for
+    from calibration.rotation import rotate_checkpoint, rotated_dir_for
     from calibration.writer import save_checkpoint
     from vllm_dpq.format import DPQConfig
     from vllm_dpq.shards import parse_size
@@ -193,8 +200,16 @@ def run(args) -> int:
     if len(sources) > 1:
         print("calibration data: " + ", ".join(f"{s['source']} {s['windows']} windows" for s in sources),
               file=sys.stderr)
-    print(f"loading {args.model}", file=sys.stderr)
-    model, weights = load_model(args.model, DTYPES[args.calib_dtype], args.trust_remote_code)
+    source, rotation = args.model, None
+    if args.rotate != "none":
+        source = rotated_dir_for(args.output)
+        print(f"rotating ({args.rotate}) into {source}", file=sys.stderr)
+        rotation = rotate_checkpoint(local_folder(args.model), source, args.rotate, args.seed, progress=True)
+        print(f"rotated with {rotation['matrix']} matrices in {rotation['seconds']:.0f} s"
+              + (f"; lm_head untied: +{rotation['untied_bytes'] / 2**20:.1f} MiB" if rotation["untied_bytes"] else ""),
+              file=sys.stderr)
+    print(f"loading {source}", file=sys.stderr)
+    model, weights = load_model(str(source), DTYPES[args.calib_dtype], args.trust_remote_code)
     k_values = sorted({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
     g = recipe.scheme.group_size
     if g != -1 and any(k % g for k in k_values):
@@ -207,6 +222,7 @@ def run(args) -> int:
         "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
         "recipe": recipe.to_dict(), "scheme": recipe.scheme.to_dict(), "samples": samples_digest(samples),
         "ignore": ignore, "calib_dtype": args.calib_dtype, "batch_size": args.batch_size,
+        **({"rotation": args.rotate} if rotation else {}),
     }
     state = CalibrationState(work_dir_for(args.output), fingerprint)
     result = calibrate(model, samples, recipe, ignore, args.device, args.batch_size, state=state, resume=args.resume,
@@ -216,11 +232,14 @@ def run(args) -> int:
         calibration={"data": " + ".join(s["source"] if len(sources) == 1 else f"{s['source']}:{s['share']:g}"
                                         for s in sources),
                      "sources": sources, "num_samples": args.num_samples, "seq_len": args.seq_len,
-                     "seed": args.seed, "ignore": ignore},
+                     "seed": args.seed, "ignore": ignore,
+                     **({"rotation": {k: rotation[k] for k in ("rotation", "matrix", "seed")}} if rotation else {})},
     )
     out = save_checkpoint(args.output, model, tokenizer, result, config, DTYPES[args.save_dtype],
                           args.overwrite or args.resume, weights.files, max_shard, progress=True)
     state.finish()
+    if rotation:
+        shutil.rmtree(source, ignore_errors=True)
     for line in expert_report(result):
         print(line, file=sys.stderr)
     peak_gb = peak_rss_bytes() / 2**30
@@ -234,6 +253,7 @@ def run(args) -> int:
             "calibration_seconds": result.seconds, "total_seconds": total, "peak_rss_gib": peak_gb,
             "layer_errors": result.layer_errors, "recipe": recipe.to_dict(), "scheme": recipe.scheme.to_dict(),
             "expert_tokens": result.expert_tokens, "expert_fallbacks": result.expert_fallbacks,
+            "rotation": rotation,
         }, indent=1))
     return 0
 

