@@ -66,20 +66,19 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
   const float* yp = y.data_ptr<float>();
   const float* wp = wts.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, tokens, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, top_k * h)),
-                   [&](int64_t t0, int64_t t1) {
-    std::vector<int64_t> slots(top_k);
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t s = 0; s < top_k; ++s) slots[s] = t * top_k + s;
-      std::sort(slots.begin(), slots.end(), [&](int64_t a, int64_t b) { return row_of[a] < row_of[b]; });
-      float* o = op + t * h;
-      std::fill(o, o + h, 0.0f);
-      for (int64_t p : slots) {
-        const float* yr = yp + row_of[p] * h;
-        const float w = wp[p];
-        for (int64_t j = 0; j < h; ++j) o[j] += yr[j] * w;
-      }
+  // on this thread: a few multiply-adds per output, less than a parallel region costs (and a
+  // region waits for its slowest thread, which other load on the machine may have descheduled)
+  std::vector<int64_t> slots(top_k);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t s = 0; s < top_k; ++s) slots[s] = t * top_k + s;
+    std::sort(slots.begin(), slots.end(), [&](int64_t a, int64_t b) { return row_of[a] < row_of[b]; });
+    float* o = op + t * h;
+    std::fill(o, o + h, 0.0f);
+    for (int64_t p : slots) {
+      const float* yr = yp + row_of[p] * h;
+      const float w = wp[p];
+      for (int64_t j = 0; j < h; ++j) o[j] += yr[j] * w;
     }
-  });
+  }
   return out.to(xc.scalar_type());
 }
