@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vllm_dpq.kernels import BACKENDS, ENV_BACKEND, cpu, select_backend
 from vllm_dpq.kernels.base import W4A8Weights
@@ -205,6 +206,54 @@ def test_cpu_grouped_linear_equals_each_experts_call(n, k, g, path, static, x_dt
         experts.apply(x, offsets.flip(0))
     with pytest.raises(ValueError, match="packed"):
         cpu.stack_experts(states[::-1], packed, group_scale)
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("path", ["kernel", "dequant"])
+@pytest.mark.parametrize("g,top_k", [(32, 2), (-1, 3)])
+def test_cpu_moe_equals_the_per_expert_computation(g, top_k, path, static, x_dtype, isa, monkeypatch):
+    """A MoE layer's routed experts in one kernel call (cpu.CpuMoE) give the bits of the
+    per-expert computation of vllm_dpq.plugin.moe_method (each expert's rows through its own
+    CpuBackend.apply, silu(gate) * up, weighted fp32 index_add_ over the rows grouped by expert);
+    random routing with experts without tokens; a token's output does not depend on the batch."""
+    monkeypatch.setenv(cpu.ENV_GEMM, isa_gemm(isa.isa()))
+    cpu_path(monkeypatch, path)
+    monkeypatch.setattr(cpu, "AMX_DEQUANT_MIN_M", 6)  # experts of 6+ rows: dequantize path
+    experts, h, inter, tokens = 6, 96, 64, 11
+    scheme = Scheme(group_size=g, weight_scale="channel" if g == -1 else "tensor")
+    projections = []
+    for n, k, seed in ((2 * inter, h, 0), (h, inter, 100)):
+        made = [make(n, k, scheme, static, seed=seed + e, dtype=x_dtype)[-1] for e in range(experts)]
+        packed, group_scale = torch.stack([w.packed for w in made]), torch.stack([w.group_scale for w in made])
+        states = []
+        for e, w in enumerate(made):
+            w.packed, w.group_scale = packed[e], group_scale[e]
+            states.append(BACKENDS["cpu"].prepare(w))
+        projections.append((states, cpu.stack_experts(states, packed, group_scale)))
+    (s13, w13), (s2, w2) = projections
+    moe = cpu.CpuMoE(w13, w2)
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(tokens, h, generator=gen) * 2).to(x_dtype)
+    ids = torch.stack([torch.randperm(experts - 2, generator=gen)[:top_k] for _ in range(tokens)])  # 4, 5: none
+    ids[:7, 0] = 1  # expert 1: 7+ rows (dequantize path where forced)
+    weights = torch.rand(tokens, top_k, generator=gen)
+    y = moe.apply(x, weights, ids)
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    counts, rows = torch.bincount(ids.reshape(-1), minlength=experts).tolist(), order // top_k
+    ref, start = torch.zeros(tokens, h), 0
+    for e, count in enumerate(counts):
+        r = rows[start:start + count]
+        gate_up = BACKENDS["cpu"].apply(s13[e], x[r])
+        out = BACKENDS["cpu"].apply(s2[e], F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+        ref.index_add_(0, r, out.float() * weights.reshape(-1)[order[start:start + count], None])
+        start += count
+    assert y.dtype == x_dtype and torch.equal(y, ref.to(x_dtype))
+    if path == "kernel":
+        for t in (0, 9):
+            assert torch.equal(moe.apply(x[t:t + 1], weights[t:t + 1], ids[t:t + 1]), y[t:t + 1])
+    with pytest.raises(RuntimeError, match="out of range"):
+        moe.apply(x, weights, ids + experts)
+
 
 def test_cpu_backend_without_its_kernel(monkeypatch):
     """Where the kernel cannot be built the backend computes the same numerics with torch ops."""

@@ -222,7 +222,6 @@ def _case_moe() -> dict:
         states.append(((backend, backend.prepare(w13)), (backend, backend.prepare(w2))))
     layer = torch.nn.Module()  # what the op reads of a loaded MoE layer (held here: the registry is weak)
     layer._dpq_experts, layer.intermediate_size_per_partition = states, inter
-    layer._dpq_grouped = None  # triton experts: one backend call per expert and projection
     moe_method._LAYERS["interpreted"] = layer
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(6, h, generator=g) * 2).to(torch.bfloat16)

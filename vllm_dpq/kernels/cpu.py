@@ -155,6 +155,11 @@ def kernels():
         @torch.library.register_fake("vllm_dpq_cpu::linear")
         def _(x, packed, group_scale, weight_scale, input_scale, bias, k, group, fp8_max, gemm_bf16, dequant_min_m):
             return x.new_empty((x.shape[0], packed.shape[0]))
+
+        @torch.library.register_fake("vllm_dpq_cpu::moe")
+        def _(x, topk_weights, topk_ids, w13_packed, w13_group_scale, w13_weight_scale, w13_input_scale, w13_group,
+              w2_packed, w2_group_scale, w2_weight_scale, w2_input_scale, w2_group, fp8_max, gemm_bf16, dequant_min_m):
+            return torch.empty_like(x)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch fallback
         logger.warning("DPQ: CPU kernel unavailable (%s); falling back to torch ops, FP8 weights rebuilt on "
                        "every call (slow)", str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
@@ -223,6 +228,23 @@ class CpuExperts:
         return torch.ops.vllm_dpq_cpu.grouped_linear(x, offsets, self.packed, self.group_scale, self.weight_scale,
                                                       self.input_scale, w.k, w.group_size, w.fp8_max,
                                                       s.gemm_dtype == torch.bfloat16, s.dequant_min_m)
+
+
+@dataclass
+class CpuMoE:
+    """A mixture-of-experts layer's routed experts in one kernel call (``ops.moe``): the
+    counting sort of the (token, slot) pairs by expert, both grouped projections, silu(gate) *
+    up and the router-weighted fp32 sum per token, each with the rounding of the torch ops it
+    replaces (docs/KERNELS.md). One opaque op, that vLLM's compiled graph calls directly."""
+    w13: CpuExperts  # gate rows, then up rows
+    w2: CpuExperts
+
+    def apply(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        a, b, s = self.w13, self.w2, self.w13.state
+        return torch.ops.vllm_dpq_cpu.moe(x, topk_weights, topk_ids, a.packed, a.group_scale, a.weight_scale,
+                                          a.input_scale, a.state.weights.group_size, b.packed, b.group_scale,
+                                          b.weight_scale, b.input_scale, b.state.weights.group_size,
+                                          s.weights.fp8_max, s.gemm_dtype == torch.bfloat16, s.dequant_min_m)
 
 
 def stack_experts(states: list[CpuState], packed: torch.Tensor, group_scale: torch.Tensor) -> CpuExperts | None:

@@ -18,10 +18,11 @@ warned once). Scales start NaN and every parameter records which (expert, shard)
 filled, so a tensor the checkpoint lacks is an error naming it.
 
 Routing is vLLM's own: the runner selects experts (``router.select_experts``) and calls
-``apply`` with the top-k ids and weights, as for the unquantized method. ``apply`` groups the
-tokens by expert and runs, for each expert with tokens, two GEMMs through the kernel backend
-chosen at load (``vllm_dpq.kernels``; INT4 stays resident with the cpu backend):
-``down(silu(gate(x)) * up(x))``, weighted by the router weights and summed in fp32.
+``apply`` with the top-k ids and weights, as for the unquantized method. ``apply`` computes
+``down(silu(gate(x)) * up(x))`` for each token's experts, weighted by the router weights and
+summed in fp32, through the kernel backend chosen at load (``vllm_dpq.kernels``; INT4 stays
+resident with the cpu backend): on the cpu backend's kernel one fused call per layer
+(``kernels.cpu.CpuMoE``), else the tokens grouped by expert and two GEMMs per expert with tokens.
 
 Tensor parallelism splits the intermediate size I (w13's rows, w2's K); each rank's slice of
 w2's K must be a multiple of 8 and of the group size (``check_partition``). Expert
@@ -38,7 +39,7 @@ from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, MoEActivati
 from vllm.model_executor.utils import set_weight_attrs
 
 from vllm_dpq.format import GROUP_SCALE, INPUT_SCALE, PACKED, WEIGHT_SCALE, CheckpointError
-from vllm_dpq.kernels.cpu import CpuExperts, stack_experts
+from vllm_dpq.kernels.cpu import CpuMoE, stack_experts
 from vllm_dpq.plugin.linear_method import check_partition, free_weight_data, mismatch_warner, prepare_backend
 from vllm_dpq.plugin.schemes import DPQScheme, nan_filled
 
@@ -196,20 +197,23 @@ class DPQMoEMethod(FusedMoEMethodBase):
     # ------------------------------------------------------------------ forward
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
-        """Routed experts only (the runner runs shared experts and the tensor-parallel all-reduce),
-        through an opaque custom op: vLLM's compiled mode cannot trace the per-expert loop (its
-        trip counts depend on the routing)."""
+        """Routed experts only (the runner runs shared experts and the tensor-parallel all-reduce):
+        one cpu kernel call (an opaque op the compiled graph calls directly), else the per-expert
+        loop in an opaque custom op (vLLM's compiled mode cannot trace it: its trip counts depend
+        on the routing)."""
+        if layer._dpq_grouped is not None:
+            return layer._dpq_grouped.apply(x, topk_weights, topk_ids)
         return torch.ops.vllm_dpq.moe_experts(x, topk_weights, topk_ids, self.prefix)
 
 
-def _grouped(layer, experts) -> tuple[CpuExperts, CpuExperts] | None:
-    """(w13, w2) as grouped CPU kernel calls where every expert runs on the cpu backend's kernel,
-    else None (one backend call per expert and projection)."""
+def _grouped(layer, experts) -> CpuMoE | None:
+    """The layer's experts as one fused CPU kernel call where every expert runs on the cpu
+    backend's kernel, else None (one backend call per expert and projection)."""
     if any(backend.name != "cpu" for gemms in experts for backend, _ in gemms):
         return None
     grouped = [stack_experts([gemms[j][1] for gemms in experts], getattr(layer, f"{group}_{PACKED}").data,
                              getattr(layer, f"{group}_{GROUP_SCALE}").data) for j, group in enumerate(("w13", "w2"))]
-    return None if None in grouped else tuple(grouped)
+    return None if None in grouped else CpuMoE(*grouped)
 
 
 # prefix -> loaded MoE layer, for the custom op (weak: a shut-down engine's layers are freed)
@@ -219,8 +223,8 @@ _LAYERS: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValue
 @torch.library.custom_op("vllm_dpq::moe_experts", mutates_args=())
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: str) -> torch.Tensor:
     """sum over the top-k experts of weight * down(silu(gate(x)) * up(x)), grouped per expert:
-    on the cpu backend's kernel two grouped calls (every expert's gate_up, then every expert's
-    down), else two backend calls per expert with tokens. Both compute each row alike."""
+    two backend calls per expert with tokens (the cpu kernel's fused op, CpuMoE, computes the
+    same bits in one call)."""
     layer = _LAYERS[layer]
     top_k = topk_ids.shape[-1]
     flat = topk_ids.reshape(-1)
@@ -230,12 +234,6 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     weights = topk_weights.reshape(-1)[order].float()
     i = layer.intermediate_size_per_partition
     out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
-    if layer._dpq_grouped is not None:
-        w13, w2 = layer._dpq_grouped
-        offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-        gate_up = w13.apply(x[tokens], offsets)
-        y = w2.apply(F.silu(gate_up[:, :i]) * gate_up[:, i:], offsets)
-        return out.index_add_(0, tokens, y.float() * weights[:, None]).to(x.dtype)
     start = 0
     for (w13, w2), count in zip(layer._dpq_experts, counts.tolist()):
         if count == 0:

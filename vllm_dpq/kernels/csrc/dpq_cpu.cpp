@@ -6,6 +6,8 @@
 // in the layout of the dot-product instruction, and the kernel's own register-blocked GEMM (bf16
 // pair dot products with AVX512-BF16, fp32 FMA elsewhere) sums each output over K in one order
 // whatever M (batch-invariant); with AMX, large M dequantizes once and calls torch's GEMM.
+// grouped_linear(): one projection of every expert of a MoE layer in one task loop; moe()
+// (dpq_cpu_moe.h): the layer's routed experts, grouping to weighted sum, in one call.
 // AVX-512 or AVX2 code, chosen at run time; registered as torch ops (torch.ops.vllm_dpq_cpu.*).
 
 #include <ATen/ATen.h>
@@ -19,6 +21,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -493,6 +496,8 @@ at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& offsets, const 
   return y;
 }
 
+#include "dpq_cpu_moe.h"
+
 }  // namespace
 
 TORCH_LIBRARY(vllm_dpq_cpu, m) {
@@ -500,6 +505,10 @@ TORCH_LIBRARY(vllm_dpq_cpu, m) {
         "Tensor? bias, int k, int group, float fp8_max, bool gemm_bf16, int dequant_min_m) -> Tensor");
   m.def("grouped_linear(Tensor x, Tensor offsets, Tensor packed, Tensor group_scale, Tensor weight_scale, "
         "Tensor? input_scale, int k, int group, float fp8_max, bool gemm_bf16, int dequant_min_m) -> Tensor");
+  m.def("moe(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor w13_packed, Tensor w13_group_scale, "
+        "Tensor w13_weight_scale, Tensor? w13_input_scale, int w13_group, Tensor w2_packed, Tensor w2_group_scale, "
+        "Tensor w2_weight_scale, Tensor? w2_input_scale, int w2_group, float fp8_max, bool gemm_bf16, "
+        "int dequant_min_m) -> Tensor");
   m.def("quantize(Tensor x, Tensor? input_scale, float fp8_max) -> (Tensor, Tensor)");
   m.def("dequantize(Tensor packed, Tensor group_scale, int k, int group, float fp8_max, ScalarType dtype) -> Tensor");
   m.def("isa() -> str", &isa_name);
@@ -509,6 +518,7 @@ TORCH_LIBRARY(vllm_dpq_cpu, m) {
 TORCH_LIBRARY_IMPL(vllm_dpq_cpu, CPU, m) {
   m.impl("linear", &linear);
   m.impl("grouped_linear", &grouped_linear);
+  m.impl("moe", &moe);
   m.impl("quantize", &quantize);
   m.impl("dequantize", &dequantize);
 }
