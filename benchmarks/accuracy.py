@@ -79,7 +79,8 @@ def evaluate(ckpt: Path | None, model_dir: Path, windows, mode: str, activations
 
 def quantize(model_dir: Path, ckpt: Path, args_q: list[str], group: int, a) -> dict:
     stats, done = ckpt.with_suffix(".stats.json"), ckpt.with_suffix(".args.json")
-    cmd = [sys.executable, "-m", "vllm_dpq.cli", "quantize", str(model_dir), str(ckpt), "--data", str(a.calib_text),
+    cmd = [sys.executable, "-m", "vllm_dpq.cli", "quantize", str(model_dir), str(ckpt),
+           *(arg for t in a.calib_text for arg in ("--data", str(t))),
            "--group-size", str(group), "--activations", "static", "--num-samples", str(a.num_samples),
            "--seq-len", str(a.seq_len), "--calib-dtype", a.dtype, "--stats-json", str(stats), "--overwrite", *args_q]
     # a cached checkpoint is reused only if made by the same command (a method's defaults may change)
@@ -148,7 +149,8 @@ def plot(results: dict, groups: list[int], configs: list[str], path: Path) -> No
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF model folder (default: the demo model, built if needed)")
-    p.add_argument("--calib-text", type=Path, default=CORPORA / "austen_sensesensibility.txt")
+    p.add_argument("--calib-text", type=Path, action="append",
+                   help="calibration text (default: Sense and Sensibility); repeat to mix several in equal shares")
     p.add_argument("--eval-text", type=Path, default=CORPORA / "austen_prideprejudice.txt")
     p.add_argument("--groups", type=int, nargs="+", default=[32, 128])
     p.add_argument("--configs", default=DEFAULT, help=f"comma list from {sorted(CONFIGS)}")
@@ -163,6 +165,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "results" / "accuracy")
     p.add_argument("--report-only", action="store_true", help="only render OUT.md / OUT.png from OUT.json")
     a = p.parse_args()
+    a.calib_text = a.calib_text or [CORPORA / "austen_sensesensibility.txt"]
     configs = a.configs.split(",")
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
@@ -188,7 +191,7 @@ def main() -> int:
     results = json.loads(jpath.read_text()) if jpath.exists() else {}
     if results and results.get("setup", {}).get("dtype", "bfloat16") != a.dtype:
         p.error(f"{jpath} holds {results['setup'].get('dtype', 'bfloat16')} results: use another --out for {a.dtype}")
-    results["setup"] = {"dtype": a.dtype, "model": model_dir.name, "calib_text": a.calib_text.name, "eval_text": a.eval_text.name,
+    results["setup"] = {"dtype": a.dtype, "model": model_dir.name, "calib_text": ", ".join(t.name for t in a.calib_text), "eval_text": a.eval_text.name,
                         "num_samples": a.num_samples, "seq_len": a.seq_len, "eval_windows": a.eval_windows}
     windows = text_windows(AutoTokenizer.from_pretrained(model_dir), a.eval_text, 512, a.eval_windows)
 
