@@ -157,6 +157,9 @@ def main() -> int:
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--bos", action="store_true",
+                   help="start every evaluation window with the tokenizer's BOS token (511 text tokens after it); "
+                        "the protocol's windows have no special tokens, which some models (Gemma) are not trained for")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                    help="compute dtype of calibration forwards and evaluation (float32 on CPUs without fast bf16)")
     p.add_argument("--activations", nargs="+", choices=("static", "dynamic"), default=["static", "dynamic"],
@@ -179,6 +182,7 @@ def main() -> int:
         print(md)
         return 0
 
+    import torch
     from transformers import AutoTokenizer
 
     from calibration.demo_model import build_demo_model
@@ -191,9 +195,16 @@ def main() -> int:
     results = json.loads(jpath.read_text()) if jpath.exists() else {}
     if results and results.get("setup", {}).get("dtype", "bfloat16") != a.dtype:
         p.error(f"{jpath} holds {results['setup'].get('dtype', 'bfloat16')} results: use another --out for {a.dtype}")
+    if results and results.get("setup", {}).get("bos", False) != a.bos:
+        p.error(f"{jpath} holds results {'with' if not a.bos else 'without'} --bos: use another --out")
     results["setup"] = {"dtype": a.dtype, "model": model_dir.name, "calib_text": ", ".join(t.name for t in a.calib_text), "eval_text": a.eval_text.name,
-                        "num_samples": a.num_samples, "seq_len": a.seq_len, "eval_windows": a.eval_windows}
-    windows = text_windows(AutoTokenizer.from_pretrained(model_dir), a.eval_text, 512, a.eval_windows)
+                        "num_samples": a.num_samples, "seq_len": a.seq_len, "eval_windows": a.eval_windows, "bos": a.bos}
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if a.bos and tok.bos_token_id is None:
+        p.error(f"--bos: {model_dir.name}'s tokenizer has no BOS token")
+    windows = text_windows(tok, a.eval_text, 512 - a.bos, a.eval_windows)
+    if a.bos:
+        windows = torch.cat([torch.full((len(windows), 1), tok.bos_token_id), windows], dim=1)
 
     def save():
         jpath.write_text(json.dumps(results, indent=1))
