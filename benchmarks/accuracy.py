@@ -182,7 +182,6 @@ def main() -> int:
         print(md)
         return 0
 
-    import torch
     from transformers import AutoTokenizer
 
     from calibration.demo_model import build_demo_model
@@ -202,9 +201,7 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     if a.bos and tok.bos_token_id is None:
         p.error(f"--bos: {model_dir.name}'s tokenizer has no BOS token")
-    windows = text_windows(tok, a.eval_text, 512 - a.bos, a.eval_windows)
-    if a.bos:
-        windows = torch.cat([torch.full((len(windows), 1), tok.bos_token_id), windows], dim=1)
+    windows = text_windows(tok, a.eval_text, 512, a.eval_windows, bos=a.bos)
 
     def save():
         jpath.write_text(json.dumps(results, indent=1))

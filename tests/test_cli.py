@@ -173,3 +173,25 @@ def test_default_recipe_is_gar_with_asymmetric_calibration():
     paper = recipe_of("--paper-recipe")
     assert (paper.order, paper.asym, paper.scale_search, paper.codes) == ("none", False, "max", "round")
     assert (recipe_of("--paper-recipe", "--gar").order, recipe_of("--paper-recipe", "--asym-calib").asym) == ("gar", True)
+
+
+def test_ppl_windows_with_bos(tiny_dir):
+    """--bos: each window is BOS + the next seq_len - 1 tokens of the text (the same tokens in the
+    same order as without it), and a tokenizer without a BOS token is refused by name."""
+    from transformers import AutoTokenizer
+
+    from vllm_dpq.evaluate import text_windows
+
+    text = corpus("austen_prideprejudice.txt")
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    plain, with_bos = text_windows(tok, text, 64, 4), text_windows(tok, text, 64, 4, bos=True)
+    assert with_bos.shape == plain.shape == (4, 64)
+    assert (with_bos[:, 0] == tok.bos_token_id).all()
+    assert with_bos[:, 1:].flatten().tolist() == plain.flatten()[: 4 * 63].tolist()
+    tok.bos_token = None
+    with pytest.raises(ValueError, match="no BOS token"):
+        text_windows(tok, text, 64, 4, bos=True)
+    ppl = [float(subprocess.run([*CLI, "ppl", str(tiny_dir), "--bf16", "--text", str(text), "--seq-len", "64",
+                                 "--windows", "2", *flag], capture_output=True, text=True, check=True).stdout.split()[-1])
+           for flag in ([], ["--bos"])]
+    assert all(p > 1 for p in ppl) and ppl[0] != ppl[1]

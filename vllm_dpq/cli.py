@@ -65,7 +65,7 @@ def cmd_ppl(args) -> int:
         from vllm_dpq.reference import load_reference_model
 
         model, tok = load_reference_model(args.checkpoint, mode=args.mode)
-    ppl = perplexity(model, text_windows(tok, args.text, args.seq_len, args.windows), progress=True)
+    ppl = perplexity(model, text_windows(tok, args.text, args.seq_len, args.windows, bos=args.bos), progress=True)
     print(f"{ppl:.3f}")
     return 0
 
@@ -132,6 +132,8 @@ def build_parser(contributed: dict | None = None, with_help: bool = False) -> ar
     e.add_argument("--bf16", action="store_true", help="the checkpoint is an unquantized HF model")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--windows", type=int, default=64)
+    e.add_argument("--bos", action="store_true",
+                   help="start each window with the tokenizer's BOS token (models trained with one, e.g. Gemma)")
     e.set_defaults(fn=cmd_ppl)
 
     x = sub.add_parser("export", help="convert a DPQ checkpoint for stock vLLM (compressed-tensors W4A8-FP8)")
