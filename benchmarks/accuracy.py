@@ -196,8 +196,9 @@ def main() -> int:
         p.error(f"{jpath} holds {results['setup'].get('dtype', 'bfloat16')} results: use another --out for {a.dtype}")
     if results and results.get("setup", {}).get("bos", False) != a.bos:
         p.error(f"{jpath} holds results {'with' if not a.bos else 'without'} --bos: use another --out")
-    results["setup"] = {"dtype": a.dtype, "model": model_dir.name, "calib_text": ", ".join(t.name for t in a.calib_text), "eval_text": a.eval_text.name,
-                        "num_samples": a.num_samples, "seq_len": a.seq_len, "eval_windows": a.eval_windows, "bos": a.bos}
+    results["setup"] = {"dtype": a.dtype, "model": model_dir.name, "calib_text": ", ".join(t.name for t in a.calib_text),
+                        "eval_text": a.eval_text.name, "num_samples": a.num_samples, "seq_len": a.seq_len,
+                        "eval_windows": a.eval_windows, "bos": a.bos}
     tok = AutoTokenizer.from_pretrained(model_dir)
     if a.bos and tok.bos_token_id is None:
         p.error(f"--bos: {model_dir.name}'s tokenizer has no BOS token")
