@@ -185,7 +185,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from calibration.demo_model import build_demo_model
-    from vllm_dpq.evaluate import text_windows
+    from vllm_dpq.evaluate import TextWindowsError, text_windows
 
     model_dir = Path(a.model) if a.model else build_demo_model()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -199,10 +199,10 @@ def main() -> int:
     results["setup"] = {"dtype": a.dtype, "model": model_dir.name, "calib_text": ", ".join(t.name for t in a.calib_text),
                         "eval_text": a.eval_text.name, "num_samples": a.num_samples, "seq_len": a.seq_len,
                         "eval_windows": a.eval_windows, "bos": a.bos}
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if a.bos and tok.bos_token_id is None:
-        p.error(f"--bos: {model_dir.name}'s tokenizer has no BOS token")
-    windows = text_windows(tok, a.eval_text, 512, a.eval_windows, bos=a.bos)
+    try:
+        windows = text_windows(AutoTokenizer.from_pretrained(model_dir), a.eval_text, 512, a.eval_windows, bos=a.bos)
+    except TextWindowsError as e:
+        p.error(str(e))
 
     def save():
         jpath.write_text(json.dumps(results, indent=1))

@@ -195,3 +195,8 @@ def test_ppl_windows_with_bos(tiny_dir):
                                  "--windows", "2", *flag], capture_output=True, text=True, check=True).stdout.split()[-1])
            for flag in ([], ["--bos"])]
     assert all(p > 1 for p in ppl) and ppl[0] != ppl[1]
+    # a text too short for one window is a clear CLI error, not a traceback
+    short = tiny_dir.parent / "short.txt"
+    short.write_text("Too short.")
+    r = subprocess.run([*CLI, "ppl", str(tiny_dir), "--bf16", "--text", str(short), "--bos"], capture_output=True, text=True)
+    assert r.returncode == 2 and "fewer than 511 tokens" in r.stderr and "Traceback" not in r.stderr

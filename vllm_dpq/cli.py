@@ -167,6 +167,7 @@ def run_command(fn, args, user_errors: tuple[type[BaseException], ...] = ()) -> 
     """Run one subcommand; errors that are the user's input are reported as one line
     (DPQ_DEBUG=1: traceback), exit status 2."""
     from vllm_dpq import env
+    from vllm_dpq.evaluate import TextWindowsError
     from vllm_dpq.format import CheckpointError
     from vllm_dpq.generate import GenerateError
     from vllm_dpq.interop import InteropError
@@ -176,7 +177,7 @@ def run_command(fn, args, user_errors: tuple[type[BaseException], ...] = ()) -> 
     except BrokenPipeError:  # e.g. `vllm-dpq inspect CKPT | head`
         sys.stderr.close()
         return 0
-    except (CheckpointError, GenerateError, InteropError, *USER_ERRORS, *user_errors) as e:
+    except (CheckpointError, GenerateError, InteropError, TextWindowsError, *USER_ERRORS, *user_errors) as e:
         if env.get("DPQ_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

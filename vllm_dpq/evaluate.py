@@ -16,18 +16,22 @@ def text_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
+class TextWindowsError(ValueError):
+    """The text or tokenizer cannot give the evaluation windows asked for (a user error)."""
+
+
 def text_windows(tokenizer, text_path: str | Path, seq_len: int = 512, num_windows: int = 64,
                  bos: bool = False) -> torch.Tensor:
     """The first ``num_windows`` windows of ``seq_len`` tokens of a text, no special tokens
     (EVAL_PROTOCOL). ``bos``: each window is the tokenizer's BOS token and ``seq_len - 1`` text
     tokens, for models trained to see BOS first (Gemma's perplexity without it is meaningless)."""
     if bos and tokenizer.bos_token_id is None:
-        raise ValueError("bos=True: this tokenizer has no BOS token")
+        raise TextWindowsError("bos=True: this tokenizer has no BOS token")
     ids = text_ids(tokenizer, Path(text_path).read_text(encoding="utf-8"))
-    width = seq_len - bos
+    width = seq_len - 1 if bos else seq_len
     n = min(num_windows, len(ids) // width)
     if n == 0:
-        raise ValueError(f"{text_path}: fewer than {width} tokens")
+        raise TextWindowsError(f"{text_path}: fewer than {width} tokens")
     windows = torch.tensor(ids[: n * width], dtype=torch.long).reshape(n, width)
     if bos:
         windows = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long), windows], dim=1)
