@@ -12,8 +12,10 @@ caches the previous call left warm), median of --reps calls after warm-up:
                 model runs in vLLM), where vLLM and its oneDNN ops are importable
   dpq           CpuBackend.apply, bf16 activations: INT4 resident, the path the backend picks
                 for this M (activation quantization and epilogue included)
-  dpq_dequant   dequantize to the GEMM dtype (one pass) + torch GEMM at every M (what the
-                backend runs from AMX_DEQUANT_MIN_M rows on a CPU with AMX)
+  dpq_vector    the kernel's vector GEMM at every M (what the backend runs below AMX_MIN_M
+                rows on a CPU with AMX-BF16, and at every M elsewhere)
+  dpq_amx       the kernel's AMX-tile GEMM at every M (what it runs from AMX_MIN_M rows), on
+                CPUs with AMX-BF16 only
   dpq_fp32act   CpuBackend.apply with fp32 activations
 
 --clock cpu (with --threads 1) times each call by this thread's CPU time, which other
@@ -50,7 +52,7 @@ import torch
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 MODEL_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # one decoder layer's vLLM linears
 MS = [1, 8, 32, 256]
-ROWS = ["bf16", "fp32", "vllm_bf16", "dpq", "dpq_dequant", "dpq_fp32act"]
+ROWS = ["bf16", "fp32", "vllm_bf16", "dpq", "dpq_vector", "dpq_amx", "dpq_fp32act"]
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -99,7 +101,7 @@ def vllm_linear(w: torch.Tensor, x: torch.Tensor):
 
 
 def bench_shape(n: int, k: int, m: int, group: int, reps: int, clock, flush: torch.Tensor | None) -> dict[str, float]:
-    from vllm_dpq.kernels.cpu import CpuBackend, kernels
+    from vllm_dpq.kernels.cpu import CpuBackend, amx_gemm, kernels
 
     backend = CpuBackend()
     w = layer(n, k, group)
@@ -111,16 +113,17 @@ def bench_shape(n: int, k: int, m: int, group: int, reps: int, clock, flush: tor
     xf = x.float()
     bf16_gemm = state.gemm_dtype == torch.bfloat16
 
-    def dequant():
-        return ops.linear(x, w.packed, w.group_scale, w.weight_scale, None, None, k, w.group_size, w.fp8_max,
-                          bf16_gemm, 1)
+    def kernel(amx_min_m: int):  # the kernel's GEMM from this many rows on AMX tiles (0: never)
+        return lambda: ops.linear(x, w.packed, w.group_scale, w.weight_scale, None, None, k, w.group_size,
+                                  w.fp8_max, bf16_gemm, amx_min_m)
 
     calls = {
         "vllm_bf16": vllm_linear(wb, x),
         "bf16": lambda: x @ wb.t(),
         "fp32": lambda: xf @ wf.t(),
         "dpq": lambda: backend.apply(state, x),
-        "dpq_dequant": dequant,
+        "dpq_vector": kernel(0),
+        "dpq_amx": kernel(1) if bf16_gemm and amx_gemm() else None,
         "dpq_fp32act": lambda: backend.apply(state, xf),
     }
     return {r: t * 1e6 for r, t in medians({r: calls[r] for r in ROWS if calls[r] is not None}, reps, 3, clock,

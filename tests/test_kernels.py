@@ -15,16 +15,18 @@ from vllm_dpq.packing import pack_int4
 from kernel_cases import (ACT_STATIC_SCALES, SCALE_DTYPES, activation_input, activation_mismatch, close, make,
                           synthetic_weights, tile_mismatches)
 
-# the cpu backend's two paths: its own GEMM (every M by default) and dequantize + torch GEMM
-# (from AMX_DEQUANT_MIN_M rows on a CPU with AMX; forced here for every M)
-VARIANTS = [("cpu", "kernel"), ("cpu", "dequant"), ("scaled_mm", None), ("triton", None)]
+# the cpu backend's two GEMMs: vector (every M without AMX-BF16) and AMX tiles (from AMX_MIN_M
+# rows on a CPU with AMX-BF16); each forced here for every M
+VARIANTS = [("cpu", "kernel"), ("cpu", "amx"), ("scaled_mm", None), ("triton", None)]
 assert {b for b, _ in VARIANTS} == set(BACKENDS), "every backend is tested against the reference"
 
 
 def cpu_path(monkeypatch, path):
-    """The kernel's GEMM at every M (AMX or not), or dequantize + torch GEMM at every M."""
-    monkeypatch.setattr(cpu, "amx", lambda: path == "dequant")
-    monkeypatch.setattr(cpu, "AMX_DEQUANT_MIN_M", 1)
+    """The kernel's vector GEMM at every M, or (path "amx") its AMX-tile GEMM at every M: skipped
+    where the CPU, $DPQ_CPU_ISA or the kernel ISA under test has no AMX-BF16."""
+    if path == "amx" and not cpu.amx_gemm():
+        pytest.skip("no AMX-BF16 tiles here (the CPU, its Linux, $DPQ_CPU_ISA or the kernel ISA under test)")
+    monkeypatch.setattr(cpu, "AMX_MIN_M", 1 if path == "amx" else 0)
 
 
 def isa_gemm(isa_name):
@@ -76,15 +78,14 @@ def test_backend_matches_reference(backend, path, static, n, k, g, monkeypatch):
 @pytest.mark.parametrize("gemm", ["bfloat16", "float32"])
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("path", ["kernel", "dequant"])
+@pytest.mark.parametrize("path", ["kernel", "amx"])
 @pytest.mark.parametrize("n,k,g", [(48, 160, 32), (17, 101, -1), (40, 72, 24), (70, 192, 96)])
 def test_cpu_backend_gemm_dtypes(gemm, x_dtype, static, path, n, k, g, isa, monkeypatch):
-    """Both GEMM dtypes the CPU backend can choose, bf16/fp16/fp32 activations, both paths, every
-    ISA; N not a multiple of the tile, odd K (bf16 pairs), groups that are not whole chunks (24).
-    Dequantize + GEMM is numerics.w4a8_matmul's own computation in that dtype (bit-identical);
-    the kernel's GEMM sums in fp32 in its own order: within one bf16 ulp of the fp32 reference
-    and, in fp32, within fp32 summation error of it (bounded by the sum of |products|). A bf16
-    GEMM on an ISA without bf16 dot products is refused at load."""
+    """Both GEMM dtypes the CPU backend can choose, bf16/fp16/fp32 activations, both GEMMs, every
+    ISA; N not a multiple of the tile, odd K (bf16 pairs), groups that are not whole chunks (24:
+    fp32 GEMM, the AMX one needs whole 32-column chunks). Each sums in fp32 in its own order: within
+    one bf16 ulp of the fp32 reference and, in fp32, within fp32 summation error of it (bounded by
+    the sum of |products|). A bf16 GEMM on an ISA without bf16 dot products is refused at load."""
     monkeypatch.setenv(cpu.ENV_GEMM, gemm)
     cpu_path(monkeypatch, path)
     scheme = Scheme(group_size=g)
@@ -95,15 +96,12 @@ def test_cpu_backend_gemm_dtypes(gemm, x_dtype, static, path, n, k, g, isa, monk
         return
     state = BACKENDS["cpu"].prepare(weights)
     assert state.gemm_dtype == getattr(torch, gemm)
+    assert state.amx_min_m == (1 if path == "amx" and gemm == "bfloat16" else 0)
     y = BACKENDS["cpu"].apply(state, x, bias)
     assert y.dtype == x_dtype
     ref = reference_linear(x, qw, scheme.fp8_max, s_x, bias, out_dtype=x_dtype)
     assert close(y, ref, bias)
-    if path == "dequant":
-        same = w4a8_matmul(x, weights.fp8_values(), weights.weight_scale, scheme.fp8_max, s_x, bias, x_dtype,
-                           state.gemm_dtype)
-        assert torch.equal(y, same)
-    elif x_dtype == torch.float32:
+    if x_dtype == torch.float32:
         x8, s = quantize_activation(x, s_x)
         w8 = weights.fp8_values()
         magnitude = (x8.abs() @ w8.abs().t()) * s * weights.weight_scale
@@ -111,12 +109,15 @@ def test_cpu_backend_gemm_dtypes(gemm, x_dtype, static, path, n, k, g, isa, monk
 
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
-def test_cpu_kernel_is_batch_invariant(x_dtype, isa, monkeypatch):
+@pytest.mark.parametrize("path", ["kernel", "amx"])
+def test_cpu_kernel_is_batch_invariant(x_dtype, path, isa, monkeypatch):
     """A row's output is the same bits whatever rows it is computed with (alone, in a batch of
     any size, at any position, on any number of threads): each output is summed over K in one
-    order. This is what keeps a request's greedy tokens independent of the batch it joins."""
+    order, by the vector GEMM and by the AMX one (each forced at every M here; the backend
+    switches from one to the other at AMX_MIN_M rows). This is what keeps a request's greedy
+    tokens independent of the batch it joins."""
     monkeypatch.setenv(cpu.ENV_GEMM, isa_gemm(isa.isa()))
-    cpu_path(monkeypatch, "kernel")  # (on AMX CPUs, from AMX_DEQUANT_MIN_M rows torch's GEMM takes over)
+    cpu_path(monkeypatch, path)
     _, x, _, bias, weights = make(100, 600, Scheme(group_size=32), False, m=300, dtype=x_dtype)
     state = BACKENDS["cpu"].prepare(weights)
     full = BACKENDS["cpu"].apply(state, x, bias)
@@ -175,16 +176,14 @@ def test_cpu_kernel_quantizes_activations_exactly(x_dtype, m, k, isa):
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("path", ["kernel", "dequant"])
+@pytest.mark.parametrize("path", ["kernel", "amx"])
 @pytest.mark.parametrize("n,k,g", [(40, 72, 24), (48, 160, 32), (17, 101, -1)])
 def test_cpu_grouped_linear_equals_each_experts_call(n, k, g, path, static, x_dtype, isa, monkeypatch):
     """A MoE projection's experts in one grouped kernel call (cpu.CpuExperts, rows grouped by
     expert, experts without rows among them) give every row the bits of its own expert's
-    CpuBackend.apply, which the tests above hold against the reference; with AMX (forced here)
-    an expert with enough rows takes the dequantize path, the others the kernel's GEMM."""
+    CpuBackend.apply, which the tests above hold against the reference (each GEMM forced)."""
     monkeypatch.setenv(cpu.ENV_GEMM, isa_gemm(isa.isa()))
     cpu_path(monkeypatch, path)
-    monkeypatch.setattr(cpu, "AMX_DEQUANT_MIN_M", 6)  # experts of 6+ rows: dequantize path
     counts = [3, 0, 9, 1, 6, 0]
     made = [make(n, k, Scheme(group_size=g, weight_scale="channel" if g == -1 else "tensor"), static, seed=e,
                   m=max(c, 1), dtype=x_dtype) for e, c in enumerate(counts)]
@@ -209,7 +208,7 @@ def test_cpu_grouped_linear_equals_each_experts_call(n, k, g, path, static, x_dt
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("path", ["kernel", "dequant"])
+@pytest.mark.parametrize("path", ["kernel", "amx"])
 @pytest.mark.parametrize("g,top_k", [(32, 2), (-1, 3)])
 def test_cpu_moe_equals_the_per_expert_computation(g, top_k, path, static, x_dtype, isa, monkeypatch):
     """A MoE layer's routed experts in one kernel call (cpu.CpuMoE) give the bits of the
@@ -218,7 +217,6 @@ def test_cpu_moe_equals_the_per_expert_computation(g, top_k, path, static, x_dty
     random routing with experts without tokens; a token's output does not depend on the batch."""
     monkeypatch.setenv(cpu.ENV_GEMM, isa_gemm(isa.isa()))
     cpu_path(monkeypatch, path)
-    monkeypatch.setattr(cpu, "AMX_DEQUANT_MIN_M", 6)  # experts of 6+ rows: dequantize path
     experts, h, inter, tokens = 6, 96, 64, 11
     scheme = Scheme(group_size=g, weight_scale="channel" if g == -1 else "tensor")
     projections = []
@@ -235,7 +233,7 @@ def test_cpu_moe_equals_the_per_expert_computation(g, top_k, path, static, x_dty
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(tokens, h, generator=gen) * 2).to(x_dtype)
     ids = torch.stack([torch.randperm(experts - 2, generator=gen)[:top_k] for _ in range(tokens)])  # 4, 5: none
-    ids[:7, 0] = 1  # expert 1: 7+ rows (dequantize path where forced)
+    ids[:7, 0] = 1  # expert 1: 7+ rows
     weights = torch.rand(tokens, top_k, generator=gen)
     y = moe.apply(x, weights, ids)
     order = torch.argsort(ids.reshape(-1), stable=True)
@@ -248,9 +246,8 @@ def test_cpu_moe_equals_the_per_expert_computation(g, top_k, path, static, x_dty
         ref.index_add_(0, r, out.float() * weights.reshape(-1)[order[start:start + count], None])
         start += count
     assert y.dtype == x_dtype and torch.equal(y, ref.to(x_dtype))
-    if path == "kernel":
-        for t in (0, 9):
-            assert torch.equal(moe.apply(x[t:t + 1], weights[t:t + 1], ids[t:t + 1]), y[t:t + 1])
+    for t in (0, 9):
+        assert torch.equal(moe.apply(x[t:t + 1], weights[t:t + 1], ids[t:t + 1]), y[t:t + 1])
     with pytest.raises(RuntimeError, match="out of range"):
         moe.apply(x, weights, ids + experts)
 

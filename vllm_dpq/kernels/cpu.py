@@ -11,17 +11,16 @@ use with the machine's compiler, AVX-512 or AVX2 chosen at run time) computes th
                 the 16 chain values of every bf16 scale (2 MiB per process; AVX2: 4), the next
                 block's codes prefetched meanwhile; no full-size temporary
   GEMM          register-blocked over that tile, fp32 accumulation: bf16 pair dot products
-                (vdpbf16ps) on CPUs with AVX512-BF16, fp32 FMA elsewhere. Each output is summed
-                over K in one fixed order whatever M: a request's output does not depend on
-                the batch it shares a call with.
+                (vdpbf16ps) on CPUs with AVX512-BF16, fp32 FMA elsewhere; on CPUs with AMX-BF16,
+                from AMX_MIN_M activation rows, tdpbf16ps on AMX tiles (the same values in the
+                tiles' layout). Each output is summed over K in one fixed order whatever M (one
+                order below AMX_MIN_M rows, one from there): a request's output does not depend
+                on the batch it shares a call with, but for the last bit across that threshold.
 
 The GEMM dtype is chosen at load from the CPU ($DPQ_CPU_GEMM=auto): bf16 where the CPU
 computes it natively, fp32 elsewhere (AVX2 only: there a bf16 matmul is ~40x slower than fp32).
 $DPQ_CPU_ISA=avx2 (or avx512) makes every such choice as a CPU with at most that ISA would.
-With AMX tiles, from AMX_DEQUANT_MIN_M activation rows the weights are dequantized once per call
-and multiplied by torch's GEMM instead (oneDNN's AMX tiles outrun vector dot products there;
-that GEMM rounds its result to bf16 before the scales, and its sum order depends on M). Where the
-kernel cannot be built (no compiler, no AVX2) the backend falls back to torch ops
+Where the kernel cannot be built (no compiler, no AVX2) the backend falls back to torch ops
 (numerics.w4a8_matmul over the FP8 values rebuilt per call; slow), with a warning.
 """
 
@@ -85,11 +84,10 @@ def gemm_dtype() -> torch.dtype:
     return GEMM_DTYPES[choice]
 
 
-# with AMX tiles: activation rows from which dequantization + torch's GEMM (oneDNN on AMX tiles,
-# several times the bf16 throughput of vector dot products) replaces the kernel's own GEMM. Not
-# measured with this kernel (no AMX machine since it was written): before it, on an AMX machine,
-# dequantization + torch's GEMM was 0.53x vLLM's bf16 linear at M = 256 (docs/RESULTS.md).
-AMX_DEQUANT_MIN_M = 64
+# with AMX-BF16: activation rows from which the AMX-tile GEMM replaces the vector one. Measured
+# on a 2-core AMX Xeon (docs/RESULTS.md): AMX 1.3-2.2x the vector GEMM at M = 8, 2.6-4.8x at 32;
+# at M = 1 as fast on Qwen2.5-1.5B's layers, 0.65-0.85x on SmolLM2-135M's (per-call overheads)
+AMX_MIN_M = 4
 CSRC = Path(__file__).parent / "csrc"
 
 
@@ -123,11 +121,11 @@ def _build_and_load() -> None:
 
 
 @functools.cache
-def log_choice(isa: str, gemm: torch.dtype) -> None:
+def log_choice(isa: str, gemm: torch.dtype, amx_min_m: int) -> None:
     """Say once per process which GEMM the CPU backend runs."""
     how = "bf16 pair dot products (vdpbf16ps)" if gemm == torch.bfloat16 else "fp32 FMA"
     logger.info("DPQ CPU backend: %s kernel, %s, fp32 accumulation%s", isa, how,
-                f"; torch's AMX GEMM from M = {AMX_DEQUANT_MIN_M}" if amx() else "")
+                f"; AMX tiles from M = {amx_min_m}" if amx_min_m else "")
 
 
 def request_amx() -> None:
@@ -138,6 +136,13 @@ def request_amx() -> None:
     and the process dies of SIGILL. The plugin calls this in every vLLM process."""
     if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() and not torch.cpu._init_amx():
         logger.warning("DPQ: this CPU has AMX tiles but Linux refused them to this process")
+
+
+def amx_gemm() -> bool:
+    """Does the kernel run its AMX-tile GEMM here: a CPU with AMX-BF16 whose tiles Linux grants,
+    and the avx512bf16 code (within $DPQ_CPU_ISA)?"""
+    ops = kernels()
+    return ops is not None and ops.amx()
 
 
 @functools.cache
@@ -153,12 +158,12 @@ def kernels():
             raise RuntimeError("this CPU has neither AVX2 + FMA nor AVX-512")
 
         @torch.library.register_fake("vllm_dpq_cpu::linear")
-        def _(x, packed, group_scale, weight_scale, input_scale, bias, k, group, fp8_max, gemm_bf16, dequant_min_m):
+        def _(x, packed, group_scale, weight_scale, input_scale, bias, k, group, fp8_max, gemm_bf16, amx_min_m):
             return x.new_empty((x.shape[0], packed.shape[0]))
 
         @torch.library.register_fake("vllm_dpq_cpu::moe")
         def _(x, topk_weights, topk_ids, w13_packed, w13_group_scale, w13_weight_scale, w13_input_scale, w13_group,
-              w2_packed, w2_group_scale, w2_weight_scale, w2_input_scale, w2_group, fp8_max, gemm_bf16, dequant_min_m):
+              w2_packed, w2_group_scale, w2_weight_scale, w2_input_scale, w2_group, fp8_max, gemm_bf16, amx_min_m):
             return torch.empty_like(x)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch fallback
         logger.warning("DPQ: CPU kernel unavailable (%s); falling back to torch ops, FP8 weights rebuilt on "
@@ -173,7 +178,7 @@ def kernels():
 class CpuState:
     gemm_dtype: torch.dtype
     weights: W4A8Weights
-    dequant_min_m: int  # AMX: AMX_DEQUANT_MIN_M; 0: the kernel's GEMM at every M
+    amx_min_m: int  # AMX-BF16 and a bf16 GEMM: AMX_MIN_M; 0: the vector GEMM at every M
     # torch.ops.vllm_dpq_cpu.linear, found at load; None: the torch fallback. apply() calls
     # nothing else, so torch.compile traces one opaque op (kernels() builds files: untraceable)
     linear: Any
@@ -193,8 +198,9 @@ class CpuBackend(Backend):
         if gemm == torch.bfloat16 and ops.isa() != "avx512bf16":
             raise ValueError(f"DPQ CPU backend: a bfloat16 GEMM needs AVX512-BF16 (this CPU's kernel: {ops.isa()}); "
                              f"set {ENV_GEMM}=float32 or auto")
-        log_choice(ops.isa(), gemm)
-        return CpuState(gemm, w, AMX_DEQUANT_MIN_M if amx() else 0, ops.linear)
+        amx_min_m = AMX_MIN_M if gemm == torch.bfloat16 and amx_gemm() else 0
+        log_choice(ops.isa(), gemm, amx_min_m)
+        return CpuState(gemm, w, amx_min_m, ops.linear)
 
     def keeps_packed(self, state: CpuState):
         return True
@@ -207,7 +213,7 @@ class CpuBackend(Backend):
         flat = x.dim() == 2  # vLLM's case: no reshape (each costs ~1 us in eager mode)
         y = state.linear(x if flat else x.reshape(-1, x.shape[-1]), w.packed, w.group_scale, w.weight_scale,
                          w.input_scale, bias, w.k, w.group_size, w.fp8_max, state.gemm_dtype == torch.bfloat16,
-                         state.dequant_min_m)
+                         state.amx_min_m)
         return y if flat else y.reshape(*x.shape[:-1], -1)
 
 
@@ -227,7 +233,7 @@ class CpuExperts:
         s, w = self.state, self.state.weights
         return torch.ops.vllm_dpq_cpu.grouped_linear(x, offsets, self.packed, self.group_scale, self.weight_scale,
                                                       self.input_scale, w.k, w.group_size, w.fp8_max,
-                                                      s.gemm_dtype == torch.bfloat16, s.dequant_min_m)
+                                                      s.gemm_dtype == torch.bfloat16, s.amx_min_m)
 
 
 @dataclass
@@ -244,7 +250,7 @@ class CpuMoE:
         return torch.ops.vllm_dpq_cpu.moe(x, topk_weights, topk_ids, a.packed, a.group_scale, a.weight_scale,
                                           a.input_scale, a.state.weights.group_size, b.packed, b.group_scale,
                                           b.weight_scale, b.input_scale, b.state.weights.group_size,
-                                          s.weights.fp8_max, s.gemm_dtype == torch.bfloat16, s.dequant_min_m)
+                                          s.weights.fp8_max, s.gemm_dtype == torch.bfloat16, s.amx_min_m)
 
 
 def stack_experts(states: list[CpuState], packed: torch.Tensor, group_scale: torch.Tensor) -> CpuExperts | None:

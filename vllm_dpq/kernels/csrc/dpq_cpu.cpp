@@ -5,7 +5,7 @@
 // exists. linear(): per block of output rows the values are written into a cache-resident tile
 // in the layout of the dot-product instruction, and the kernel's own register-blocked GEMM (bf16
 // pair dot products with AVX512-BF16, fp32 FMA elsewhere) sums each output over K in one order
-// whatever M (batch-invariant); with AMX, large M dequantizes once and calls torch's GEMM.
+// whatever M (batch-invariant); with AMX-BF16, from a few rows on, tdpbf16ps on AMX tiles.
 // grouped_linear(): one projection of every expert of a MoE layer in one task loop; moe()
 // (dpq_cpu_moe.h): the layer's routed experts, grouping to weighted sum, in one call.
 // AVX-512 or AVX2 code, chosen at run time; registered as torch ops (torch.ops.vllm_dpq_cpu.*).
@@ -16,7 +16,9 @@
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
 #include <torch/library.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -152,6 +154,13 @@ namespace avx512bf16 {
 #pragma GCC pop_options
 
 #pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")
+namespace avx512bf16 {
+#include "dpq_cpu_amx.h"
+}  // namespace avx512bf16
+#pragma GCC pop_options
+
+#pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma")
 namespace avx512 {
 #define DPQ_AVX512 1
@@ -256,11 +265,12 @@ Weights weights_of(const at::Tensor& packed, const at::Tensor& group_scale, int6
 std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10::optional<at::Tensor>& input_scale,
                                                  double fp8_max, int64_t ld, at::ScalarType dtype,
                                                  bool gemm_order = false,
-                                                 const std::vector<int64_t>* offsets = nullptr) {
+                                                 const std::vector<int64_t>* offsets = nullptr, int64_t pad_rows = 0) {
   TORCH_CHECK(x.dim() == 2, "activations must be 2-D");
   const at::Tensor xc = x.contiguous();
   const int64_t m = xc.size(0), k = xc.size(1);
-  at::Tensor x8 = at::empty({m, ld}, xc.options().dtype(dtype));
+  at::Tensor x8 = at::empty({m + pad_rows, ld}, xc.options().dtype(dtype));
+  if (pad_rows > 0) x8.narrow(0, m, pad_rows).zero_();
   at::Tensor sx = at::empty({m}, xc.options().dtype(at::kFloat));
   at::Tensor st;
   const float* sp = nullptr;
@@ -321,19 +331,6 @@ at::Tensor dequantize(const at::Tensor& packed, const at::Tensor& group_scale, i
   return out;
 }
 
-// y (x's dtype) from the GEMM result acc [M, N] (A: float or bf16)
-template <typename A>
-void epilogue(const at::Tensor& acc, const Epilogue& e, at::Tensor& y) {
-  const A* a = acc.data_ptr<A>();
-  at::parallel_for(0, acc.size(0), 1, [&](int64_t m0, int64_t m1) {
-    switch (y.scalar_type()) {
-      case at::kFloat: DPQ_ISA(epilogue_rows(a, e, y.data_ptr<float>(), m0, m1)); break;
-      case at::kBFloat16: DPQ_ISA(epilogue_rows(a, e, y.data_ptr<c10::BFloat16>(), m0, m1)); break;
-      default: DPQ_ISA(epilogue_rows(a, e, y.data_ptr<c10::Half>(), m0, m1));
-    }
-  });
-}
-
 // One GEMM of a kernel call: rows [m0, m1) of the activations times one weight set (an expert's).
 struct Group {
   Weights w;
@@ -341,10 +338,14 @@ struct Group {
   int64_t m0, m1;
 };
 
+// The kernel's GEMMs: fp32 FMA (lanes; the AVX2 code's order of K), bf16 pair dot products
+// (pairs, AVX512-BF16) or AMX tiles (amx, dpq_cpu_amx.h)
+enum class Mode { lanes, pairs, amx };
+
 // y[m0:m1] = epilogue(x8[m0:m1] . W^T) for every group, in one parallel region: the kernel's own
-// GEMM (dpq_cpu_isa.h), FP8 weight tiles made from the INT4 codes, fp32 FMA or bf16 pair dot
-// products (pairs); each output summed over K in one fixed order (batch-invariant).
-void gemm_groups(const std::vector<Group>& groups, const slot_t* xp, int64_t ldx, bool pairs, at::Tensor& y) {
+// GEMM (dpq_cpu_isa.h, dpq_cpu_amx.h), FP8 weight tiles made from the INT4 codes; each output
+// summed over K in one fixed order (batch-invariant).
+void gemm_groups(const std::vector<Group>& groups, const slot_t* xp, int64_t ldx, Mode mode, at::Tensor& y) {
   constexpr int64_t MC = 1024;  // activation rows per task: its tile is made once per MC rows
   const int64_t nr = isa() == Isa::avx2 ? avx2::NR : avx512::NR;
   // tasks (row chunk x block of nr weight rows) of group g: [first[g], first[g + 1])
@@ -375,6 +376,7 @@ void gemm_groups(const std::vector<Group>& groups, const slot_t* xp, int64_t ldx
   std::atomic<int64_t> next{0};
   at::parallel_for(0, tasks, grain, [&](int64_t, int64_t) {
     thread_local std::vector<uint32_t> tile;
+    if (mode == Mode::amx) avx512bf16::amx_configure();  // per thread: oneDNN's GEMMs configure their own
     for (int64_t t = next++, t_next; t < tasks; t = t_next) {
       t_next = next++;
       int64_t m0, m1, n0, pm0, pm1, pn0;
@@ -383,7 +385,9 @@ void gemm_groups(const std::vector<Group>& groups, const slot_t* xp, int64_t ldx
       const int64_t pf = t_next < tasks && locate(t_next, pm0, pm1, pn0) == g ? pn0 : w.n;  // w.n: none
       auto run = [&](auto* yp) {
         using T = std::remove_pointer_t<decltype(yp)>;
-        if (pairs) {
+        if (mode == Mode::amx) {
+          avx512bf16::gemm_block_amx<T>(w, xp, ldx, m0, m1, n0, pf, groups[g].e, yp, tile);
+        } else if (mode == Mode::pairs) {
           avx512bf16::gemm_block<true, T>(w, xp, ldx, m0, m1, n0, pf, groups[g].e, yp, tile);
         } else {
           DPQ_ISA(gemm_block<false, T>(w, xp, ldx, m0, m1, n0, pf, groups[g].e, yp, tile));
@@ -395,79 +399,77 @@ void gemm_groups(const std::vector<Group>& groups, const slot_t* xp, int64_t ldx
         default: run(y.data_ptr<c10::Half>());
       }
     }
+    if (mode == Mode::amx) avx512bf16::amx_release();
   });
 }
 
+// Can this process run the AMX-tile GEMM: the avx512bf16 code, a CPU with AMX-TILE and AMX-BF16,
+// and Linux's permission (asked here once)?
+bool amx_ok() {
+  static const bool cpu = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16");
+  return isa() == Isa::avx512bf16 && cpu && avx512bf16::amx_permitted();
+}
+
 // The kernel's GEMM for row segments [offsets[g], offsets[g+1]) of x, segment g times weight set
-// g (weights[g], epilogues[g]: their s_x pointer is filled here), but the segments in skip (their
-// rows of y are left unwritten); y in x's dtype.
+// g (weights[g], epilogues[g]: their s_x pointer is filled here); y in x's dtype. The GEMM:
+// AMX tiles where asked (amx), else bf16 pair slots where groups are whole 32-column chunks,
+// else fp32 (the same exact products); the AVX2 code's fp32 GEMM takes x in its own order of
+// 64-column chunks.
 at::Tensor gemm(const at::Tensor& x, const std::vector<int64_t>& offsets, const std::vector<Weights>& weights,
                 std::vector<Epilogue> epilogues, const c10::optional<at::Tensor>& input_scale, double fp8_max,
-                bool gemm_bf16, int64_t n, const std::vector<int64_t>& skip = {}) {
+                bool gemm_bf16, bool amx, int64_t n) {
   const int64_t k = weights.front().k;
+  TORCH_CHECK(!gemm_bf16 || isa() == Isa::avx512bf16, "a bf16 GEMM needs the avx512bf16 kernel, not ", isa_name());
+  TORCH_CHECK(!amx || (gemm_bf16 && amx_ok()), "the AMX GEMM needs a bf16 GEMM, the avx512bf16 kernel and a CPU "
+              "with AMX-BF16 whose tiles Linux grants");
   at::Tensor y = at::empty({x.size(0), n}, x.options());
-  // bf16 pair slots where groups are whole 32-column chunks, else fp32 (the same exact products);
-  // the AVX2 code's fp32 GEMM takes x in its own order of 64-column chunks
-  const bool pairs = gemm_bf16 && avx512bf16::chunks32_ok(weights.front()), lanes_k = !pairs && isa() == Isa::avx2;
-  const int64_t ldx = pairs ? (k + 31) / 32 * 16 : lanes_k ? (k + 63) / 64 * 64 : k;  // slots per activation row
-  auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, pairs ? 2 * ldx : ldx, pairs ? at::kBFloat16 : at::kFloat,
-                                pairs || lanes_k, offsets.size() > 2 ? &offsets : nullptr);
+  const Mode mode = !gemm_bf16 || !avx512bf16::chunks32_ok(weights.front()) ? Mode::lanes
+                    : amx                                                      ? Mode::amx
+                                                                               : Mode::pairs;
+  const bool bf16 = mode != Mode::lanes, lanes_k = mode == Mode::lanes && isa() == Isa::avx2;
+  const int64_t ldx = bf16 ? (k + 31) / 32 * 16 : lanes_k ? (k + 63) / 64 * 64 : k;  // slots per activation row
+  auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, bf16 ? 2 * ldx : ldx, bf16 ? at::kBFloat16 : at::kFloat,
+                                bf16 || lanes_k, offsets.size() > 2 ? &offsets : nullptr,
+                                mode == Mode::amx ? avx512bf16::AMX_ROWS - 1 : 0);
   std::vector<Group> groups;
   for (size_t g = 0; g < weights.size(); ++g) {
-    if (offsets[g] == offsets[g + 1] || std::find(skip.begin(), skip.end(), (int64_t)g) != skip.end()) continue;
+    if (offsets[g] == offsets[g + 1]) continue;
     epilogues[g].sx = sx.data_ptr<float>();
     groups.push_back(Group{weights[g], epilogues[g], offsets[g], offsets[g + 1]});
   }
-  gemm_groups(groups, static_cast<const slot_t*>(x8.data_ptr()), ldx, pairs, y);
+  gemm_groups(groups, static_cast<const slot_t*>(x8.data_ptr()), ldx, mode, y);
   return y;
 }
 
 // y = W4A8(x [M, K], weights) in x's dtype, numerics.w4a8_matmul with fp32 accumulation: the
-// kernel's own GEMM (gemm_groups), or from M >= dequant_min_m (> 0) the weights dequantized once
-// to the GEMM dtype and torch's GEMM (oneDNN: AMX tiles).
+// kernel's own GEMM (gemm_groups), on AMX tiles from M >= amx_min_m (> 0).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& group_scale,
                   const at::Tensor& weight_scale, const c10::optional<at::Tensor>& input_scale,
                   const c10::optional<at::Tensor>& bias, int64_t k, int64_t group, double fp8_max, bool gemm_bf16,
-                  int64_t dequant_min_m) {
+                  int64_t amx_min_m) {
   const Weights w = weights_of(packed, group_scale, k, group, fp8_max);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "activations must be [M, ", k, "]");
-  TORCH_CHECK(!gemm_bf16 || isa() == Isa::avx512bf16, "a bf16 GEMM needs the avx512bf16 kernel, not ", isa_name());
-  const int64_t m = x.size(0);
   const at::Tensor sw = weight_scale.to(at::kFloat).contiguous();
   TORCH_CHECK(sw.numel() == 1 || sw.numel() == w.n, "weight scale must have 1 or N elements");
   c10::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
   Epilogue e{nullptr, sw.data_ptr<float>(), sw.numel() > 1, b.has_value() ? b->data_ptr<float>() : nullptr, w.n};
-  if (dequant_min_m > 0 && m >= dequant_min_m) {
-    at::Tensor y = at::empty({m, w.n}, x.options());
-    const at::ScalarType dt = gemm_bf16 ? at::kBFloat16 : at::kFloat;
-    auto [x8, sx] = quantize_impl(x, input_scale, fp8_max, k, dt);
-    e.sx = sx.data_ptr<float>();
-    at::Tensor acc = at::mm(x8, dequantize(packed, group_scale, k, group, fp8_max, dt).t());
-    if (gemm_bf16) {
-      epilogue<c10::BFloat16>(acc, e, y);
-    } else {
-      epilogue<float>(acc, e, y);
-    }
-    return y;
-  }
-  return gemm(x, {0, m}, {w}, {e}, input_scale, fp8_max, gemm_bf16, w.n);
+  return gemm(x, {0, x.size(0)}, {w}, {e}, input_scale, fp8_max, gemm_bf16, amx_min_m > 0 && x.size(0) >= amx_min_m,
+              w.n);
 }
 
 // A mixture-of-experts layer's projection in one call: rows [offsets[e], offsets[e+1]) of x (the
 // tokens routed to expert e, grouped) times expert e's weights (packed [E, N, ceil(K/8)], group
 // scales [E, N, ceil(K/G)], weight scales fp32 [E, 1] or [E, N], static input scales [E] or none).
-// Row for row the same computation as linear() with that expert's weights; an expert with at
-// least dequant_min_m (> 0) rows goes through linear()'s dequantize + torch GEMM path.
+// Row for row the same computation as linear() with that expert's weights and the call's M.
 at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& packed,
                           const at::Tensor& group_scale, const at::Tensor& weight_scale,
                           const c10::optional<at::Tensor>& input_scale, int64_t k, int64_t group, double fp8_max,
-                          bool gemm_bf16, int64_t dequant_min_m) {
+                          bool gemm_bf16, int64_t amx_min_m) {
   TORCH_CHECK(packed.dim() == 3 && group_scale.dim() == 3 && weight_scale.dim() == 2,
               "grouped weights must be packed [E, N, K/8], group scales [E, N, G], weight scales [E, 1 or N]");
   const int64_t experts = packed.size(0), n = packed.size(1);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "activations must be [M, ", k, "]");
-  TORCH_CHECK(!gemm_bf16 || isa() == Isa::avx512bf16, "a bf16 GEMM needs the avx512bf16 kernel, not ", isa_name());
   const at::Tensor off = offsets.to(at::kLong).contiguous();
   TORCH_CHECK(off.numel() == experts + 1, "offsets must have E + 1 elements");
   std::vector<int64_t> o(off.data_ptr<int64_t>(), off.data_ptr<int64_t>() + experts + 1);
@@ -475,25 +477,14 @@ at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& offsets, const 
               "offsets must rise from 0 to the number of rows");
   const at::Tensor sw = weight_scale.to(at::kFloat).contiguous();
   TORCH_CHECK(sw.size(0) == experts && (sw.size(1) == 1 || sw.size(1) == n), "weight scales must be [E, 1 or N]");
-  const at::Tensor xc = x.contiguous();
   std::vector<Weights> weights;
   std::vector<Epilogue> epilogues;
-  std::vector<int64_t> dequantized;  // experts whose rows go through linear()'s dequantize path
   for (int64_t e = 0; e < experts; ++e) {
     weights.push_back(weights_of(packed[e], group_scale[e], k, group, fp8_max));
     epilogues.push_back(Epilogue{nullptr, sw.data_ptr<float>() + e * sw.size(1), sw.size(1) > 1, nullptr, n});
-    if (dequant_min_m > 0 && o[e + 1] - o[e] >= dequant_min_m) dequantized.push_back(e);
   }
-  // one kernel region for the other experts (the rows of these are left to linear() below)
-  at::Tensor y = gemm(xc, o, weights, epilogues, input_scale, fp8_max, gemm_bf16, n, dequantized);
-  for (int64_t e : dequantized) {
-    c10::optional<at::Tensor> se;
-    if (input_scale.has_value()) se = input_scale->reshape({-1}).narrow(0, e, 1);
-    y.narrow(0, o[e], o[e + 1] - o[e]).copy_(linear(xc.narrow(0, o[e], o[e + 1] - o[e]), packed[e], group_scale[e],
-                                                     sw[e], se, c10::nullopt, k, group, fp8_max, gemm_bf16,
-                                                     dequant_min_m));
-  }
-  return y;
+  return gemm(x.contiguous(), o, weights, epilogues, input_scale, fp8_max, gemm_bf16,
+              amx_min_m > 0 && x.size(0) >= amx_min_m, n);
 }
 
 #include "dpq_cpu_moe.h"
@@ -502,16 +493,17 @@ at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& offsets, const 
 
 TORCH_LIBRARY(vllm_dpq_cpu, m) {
   m.def("linear(Tensor x, Tensor packed, Tensor group_scale, Tensor weight_scale, Tensor? input_scale, "
-        "Tensor? bias, int k, int group, float fp8_max, bool gemm_bf16, int dequant_min_m) -> Tensor");
+        "Tensor? bias, int k, int group, float fp8_max, bool gemm_bf16, int amx_min_m) -> Tensor");
   m.def("grouped_linear(Tensor x, Tensor offsets, Tensor packed, Tensor group_scale, Tensor weight_scale, "
-        "Tensor? input_scale, int k, int group, float fp8_max, bool gemm_bf16, int dequant_min_m) -> Tensor");
+        "Tensor? input_scale, int k, int group, float fp8_max, bool gemm_bf16, int amx_min_m) -> Tensor");
   m.def("moe(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor w13_packed, Tensor w13_group_scale, "
         "Tensor w13_weight_scale, Tensor? w13_input_scale, int w13_group, Tensor w2_packed, Tensor w2_group_scale, "
         "Tensor w2_weight_scale, Tensor? w2_input_scale, int w2_group, float fp8_max, bool gemm_bf16, "
-        "int dequant_min_m) -> Tensor");
+        "int amx_min_m) -> Tensor");
   m.def("quantize(Tensor x, Tensor? input_scale, float fp8_max) -> (Tensor, Tensor)");
   m.def("dequantize(Tensor packed, Tensor group_scale, int k, int group, float fp8_max, ScalarType dtype) -> Tensor");
   m.def("isa() -> str", &isa_name);
+  m.def("amx() -> bool", &amx_ok);
   m.def("use_isa(str name) -> str", &use_isa);
 }
 

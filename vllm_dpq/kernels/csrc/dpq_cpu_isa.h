@@ -473,41 +473,58 @@ static inline void pair_tables(const uint16_t* const t[4], __m512i& lo, __m512i&
 static inline int64_t pair_vector(int64_t chunks, int h, int j, int64_t c, int q) {
   return (((h * PAIR_CHAINS + j / 2) * chunks + c) * 2 + j % 2) * 4 + q;
 }
+// The four rows of quad q of half h of the block from n0 (lanes r: row n0 + W h + q + 4r), their
+// chain tables (lo / hi: pair_tables) loaded as chunk() enters each group
+struct Quad {
+  const int32_t* row[4];
+  ScaleRow sr[4];
+  __m512i lo, hi;
+  int64_t per_group;  // 32-column chunks per group
+
+  Quad(const Weights& w, int64_t n0, int h, int q, int64_t chunks) : per_group(w.groups == 1 ? chunks : w.group / 32) {
+    for (int r = 0; r < 4; ++r) {
+      const int64_t n = std::min(n0 + W * h + q + 4 * r, w.n - 1);
+      row[r] = w.packed + n * w.kw;
+      sr[r] = w.scale_row(n);
+    }
+  }
+
+  // slot sets j = 0..3 of chunk c (chunks in order from 0)
+  inline void chunk(const Weights& w, int64_t c, __m512i set[4]) {
+    if (c % per_group == 0) {
+      const uint16_t* t[4];
+      for (int r = 0; r < 4; ++r) t[r] = w.table(sr[r], c / per_group);
+      pair_tables(t, lo, hi);
+    }
+    const int nw = (int)std::min<int64_t>(4, w.kw - 4 * c);
+    auto part = [&](int r) {
+      return nw == 4 ? _mm_loadu_si128((const __m128i*)(row[r] + 4 * c))
+                     : _mm_maskz_loadu_epi32((__mmask8)((1u << nw) - 1), row[r] + 4 * c);
+    };
+    __m512i v = _mm512_castsi128_si512(part(0));
+    v = _mm512_inserti32x4(v, part(1), 1);
+    v = _mm512_inserti32x4(v, part(2), 2);
+    v = _mm512_inserti32x4(v, part(3), 3);
+    const __m512i nibble = _mm512_set1_epi8(15);
+    const __m512i even = _mm512_and_si512(v, nibble), odd = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    const __m512i el = _mm512_shuffle_epi8(lo, even), eh = _mm512_shuffle_epi8(hi, even);
+    const __m512i ol = _mm512_shuffle_epi8(lo, odd), oh = _mm512_shuffle_epi8(hi, odd);
+    set[0] = _mm512_unpacklo_epi8(el, eh);
+    set[1] = _mm512_unpackhi_epi8(el, eh);
+    set[2] = _mm512_unpacklo_epi8(ol, oh);
+    set[3] = _mm512_unpackhi_epi8(ol, oh);
+  }
+};
+
 static void make_tile_pairs(const Weights& w, int64_t n0, int64_t chunks, uint32_t* tile, int64_t prefetch_n0) {
-  const int64_t per_group = w.groups == 1 ? chunks : w.group / 32;
-  const __m512i nibble = _mm512_set1_epi8(15);
   Prefetch next(w, prefetch_n0, 8 * chunks);
   for (int h = 0; h < 2; ++h) {
     for (int q = 0; q < 4; ++q) {
-      const int32_t* row[4];
-      ScaleRow sr[4];
-      for (int r = 0; r < 4; ++r) {
-        const int64_t n = std::min(n0 + W * h + q + 4 * r, w.n - 1);
-        row[r] = w.packed + n * w.kw;
-        sr[r] = w.scale_row(n);
-      }
-      __m512i lo, hi;
+      Quad quad(w, n0, h, q, chunks);
+      __m512i set[4];
       for (int64_t c = 0; c < chunks; ++c) {
-        if (c % per_group == 0) {
-          const uint16_t* t[4];
-          for (int r = 0; r < 4; ++r) t[r] = w.table(sr[r], c / per_group);
-          pair_tables(t, lo, hi);
-        }
         next.step();
-        const int nw = (int)std::min<int64_t>(4, w.kw - 4 * c);
-        auto part = [&](int r) {
-          return nw == 4 ? _mm_loadu_si128((const __m128i*)(row[r] + 4 * c))
-                         : _mm_maskz_loadu_epi32((__mmask8)((1u << nw) - 1), row[r] + 4 * c);
-        };
-        __m512i v = _mm512_castsi128_si512(part(0));
-        v = _mm512_inserti32x4(v, part(1), 1);
-        v = _mm512_inserti32x4(v, part(2), 2);
-        v = _mm512_inserti32x4(v, part(3), 3);
-        const __m512i even = _mm512_and_si512(v, nibble), odd = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-        const __m512i el = _mm512_shuffle_epi8(lo, even), eh = _mm512_shuffle_epi8(hi, even);
-        const __m512i ol = _mm512_shuffle_epi8(lo, odd), oh = _mm512_shuffle_epi8(hi, odd);
-        const __m512i set[4] = {_mm512_unpacklo_epi8(el, eh), _mm512_unpackhi_epi8(el, eh),
-                                _mm512_unpacklo_epi8(ol, oh), _mm512_unpackhi_epi8(ol, oh)};
+        quad.chunk(w, c, set);
         for (int j = 0; j < 4; ++j) _mm512_storeu_si512(tile + pair_vector(chunks, h, j, c, q) * W, set[j]);
       }
     }
@@ -626,11 +643,4 @@ static inline void store_out(const Epilogue& e, int64_t m, int64_t j, vf acc, T*
     vstore(t, v);
     for (int i = 0; i < c; ++i) o[i] = static_cast<T>(t[i]);
   }
-}
-
-// The epilogue over a GEMM result acc [M, N] (A: float or bf16), rows [m0, m1).
-template <typename A, typename T>
-static void epilogue_rows(const A* acc, const Epilogue& e, T* y, int64_t m0, int64_t m1) {
-  for (int64_t m = m0; m < m1; ++m)
-    for (int64_t j = 0; j < e.n; j += W) store_out(e, m, j, load_x(acc + m * e.n + j, (int)std::min<int64_t>(W, e.n - j)), y);
 }

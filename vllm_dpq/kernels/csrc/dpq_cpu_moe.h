@@ -21,7 +21,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
                const c10::optional<at::Tensor>& w13_input_scale, int64_t w13_group, const at::Tensor& w2_packed,
                const at::Tensor& w2_group_scale, const at::Tensor& w2_weight_scale,
                const c10::optional<at::Tensor>& w2_input_scale, int64_t w2_group, double fp8_max, bool gemm_bf16,
-               int64_t dequant_min_m) {
+               int64_t amx_min_m) {
   TORCH_CHECK(x.dim() == 2, "activations must be 2-D [T, H]");
   TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0) && topk_weights.sizes() == topk_ids.sizes(),
               "topk_ids and topk_weights must be [T, top_k]");
@@ -56,11 +56,11 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
   const at::Tensor off = at::tensor(offsets, xc.options().dtype(at::kLong));
   const at::Tensor gate_up =
       grouped_linear(xs, off, w13_packed, w13_group_scale, w13_weight_scale, w13_input_scale, h, w13_group, fp8_max,
-                     gemm_bf16, dequant_min_m);
+                     gemm_bf16, amx_min_m);
   at::Tensor a = at::silu(gate_up.narrow(1, 0, i));
   a.mul_(gate_up.narrow(1, i, i));
   const at::Tensor y = grouped_linear(a, off, w2_packed, w2_group_scale, w2_weight_scale, w2_input_scale, i, w2_group,
-                                      fp8_max, gemm_bf16, dequant_min_m)
+                                      fp8_max, gemm_bf16, amx_min_m)
                            .to(at::kFloat);
   at::Tensor out = at::empty({tokens, h}, xc.options().dtype(at::kFloat));
   const float* yp = y.data_ptr<float>();
