@@ -153,12 +153,28 @@ namespace avx512bf16 {
 }  // namespace avx512bf16
 #pragma GCC pop_options
 
+// the AMX-tile GEMM where the compiler has AMX intrinsics (GCC 11+, clang 12+); elsewhere it is
+// never chosen (amx_ok() is false)
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define DPQ_AMX 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")
 namespace avx512bf16 {
 #include "dpq_cpu_amx.h"
 }  // namespace avx512bf16
 #pragma GCC pop_options
+#else
+#define DPQ_AMX 0
+namespace avx512bf16 {
+constexpr int AMX_ROWS = 16;
+static inline bool amx_permitted() { return false; }
+static inline void amx_configure() {}
+static inline void amx_release() {}
+template <typename T>
+static void gemm_block_amx(const Weights&, const slot_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                           const Epilogue&, T*, std::vector<uint32_t>&) {}
+}  // namespace avx512bf16
+#endif
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma")
@@ -406,7 +422,11 @@ void gemm_groups(const std::vector<Group>& groups, const slot_t* xp, int64_t ldx
 // Can this process run the AMX-tile GEMM: the avx512bf16 code, a CPU with AMX-TILE and AMX-BF16,
 // and Linux's permission (asked here once)?
 bool amx_ok() {
+#if DPQ_AMX
   static const bool cpu = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16");
+#else
+  constexpr bool cpu = false;
+#endif
   return isa() == Isa::avx512bf16 && cpu && avx512bf16::amx_permitted();
 }
 
