@@ -1,7 +1,7 @@
 """CPU kernel benchmark: the DPQ CPU backend's linear against torch's bf16 and fp32 matmul.
 
 SmolLM2-135M's linear shapes (N, K) = (576, 576) q/o, (192, 576) k/v, (1536, 576) gate/up,
-(576, 1536) down; M in {1, 8, 32, 256}. Rows, each timed per call in one process, the rows
+(576, 1536) down, or --shapes; M in {1, 8, 32, 256}, or --ms. Rows, each timed per call in one process, the rows
 interleaved call by call (so that other load on the machine hits every row alike), each after
 writing --flush-mb MiB (untimed: the weights come from memory, as in a model, not from the
 caches the previous call left warm), median of --reps calls after warm-up:
@@ -198,7 +198,11 @@ def main(argv=None) -> int:
                          "taking the cores, not to their cache and memory traffic)")
     ap.add_argument("--model-step", type=int, default=0, metavar="LAYERS",
                     help="time a model step of LAYERS decoder layers' linears instead (see above)")
-    ap.add_argument("--ms", default="1,16,32,512", help="activation rows for --model-step, comma-separated")
+    ap.add_argument("--ms", default=None,
+                    help="activation rows, comma-separated (default: 1,8,32,256; with --model-step 1,16,32,512)")
+    ap.add_argument("--shapes", default=None, metavar="N:K,...",
+                    help="linear shapes to time (default: SmolLM2-135M's four; e.g. Qwen2.5-1.5B's "
+                         "2048:1536,1536:1536,17920:1536,1536:8960)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,7 +217,8 @@ def main(argv=None) -> int:
         ops.use_isa(args.isa)
     if args.model_step:
         print(f"CPU flags: {' '.join(cpu_flags())}; ISA {ops.isa()}; threads {torch.get_num_threads()}")
-        results = model_step(args.model_step, [int(m) for m in args.ms.split(",")], args.group, args.reps)
+        results = model_step(args.model_step, [int(m) for m in (args.ms or "1,16,32,512").split(",")], args.group,
+                             args.reps)
         meta = dict(flags=cpu_flags(), isa=ops.isa(), threads=torch.get_num_threads(), layers=args.model_step,
                     shapes=MODEL_SHAPES, group=args.group, reps=args.reps, torch=torch.__version__)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -236,15 +241,17 @@ def main(argv=None) -> int:
           f"DPQ GEMM dtype {gemm_dtype()}")
     print(f"{'N':>5} {'K':>5} {'M':>4} " + " ".join(f"{r:>11}" for r in ROWS)
           + "   dpq/bf16 dpq/fp32 dpq/fastest  (us; ratios: speed of dpq relative to the row)")
-    for n, k in SHAPES:
-        for m in MS:
+    shapes = [tuple(int(v) for v in nk.split(":")) for nk in args.shapes.split(",")] if args.shapes else SHAPES
+    ms = [int(m) for m in args.ms.split(",")] if args.ms else MS
+    for n, k in shapes:
+        for m in ms:
             t = bench_shape(n, k, m, args.group, args.reps, clock, flush)
             best = min(t.get(r, float("inf")) for r in ("bf16", "fp32", "vllm_bf16"))
             results.append(dict(n=n, k=k, m=m, us=t, speed_vs_bf16=t["bf16"] / t["dpq"],
                                 speed_vs_fp32=t["fp32"] / t["dpq"], speed_vs_fastest=best / t["dpq"]))
             print(f"{n:>5} {k:>5} {m:>4} " + " ".join(f"{t.get(r, float('nan')):>11.1f}" for r in ROWS)
                   + f"   {t['bf16'] / t['dpq']:>8.2f} {t['fp32'] / t['dpq']:>8.2f} {best / t['dpq']:>8.2f}", flush=True)
-    for m in MS:  # per M over the four shapes, as a model step sees them
+    for m in ms:  # per M over the shapes, as a model step sees them
         tot = {r: sum(x["us"][r] for x in results if x["m"] == m) for r in results[0]["us"]}
         base = {r: tot[r] for r in ("bf16", "fp32", "vllm_bf16") if r in tot}
         print(f"M={m:>3} sum over shapes: dpq {tot['dpq']:.0f} us, "
@@ -258,8 +265,9 @@ def main(argv=None) -> int:
     plt = plt_or_none()
     if plt is None:
         return 0
-    fig, axes = plt.subplots(1, len(SHAPES), figsize=(4 * len(SHAPES), 3.5), sharey=True)
-    for ax, (n, k) in zip(axes, SHAPES):
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.5), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, (n, k) in zip(axes, shapes):
         rs = [x for x in results if (x["n"], x["k"]) == (n, k)]
         for r in rs[0]["us"]:
             ax.plot([x["m"] for x in rs], [x["us"][r] for x in rs], marker="o", label=r)

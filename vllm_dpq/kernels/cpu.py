@@ -85,8 +85,8 @@ def gemm_dtype() -> torch.dtype:
 
 
 # with AMX-BF16: activation rows from which the AMX-tile GEMM replaces the vector one. Measured
-# on a 2-core AMX Xeon (docs/RESULTS.md): AMX 1.3-2.2x the vector GEMM at M = 8, 2.6-4.8x at 32;
-# at M = 1 as fast on Qwen2.5-1.5B's layers, 0.65-0.85x on SmolLM2-135M's (per-call overheads)
+# on a 2-core AMX Xeon (docs/RESULTS.md, "AMX-tile GEMM"): AMX / vector speed at M = 1, 4, 8, 32:
+# Qwen2.5-1.5B's layers 0.86, 1.20, 1.57, 3.7x; SmolLM2-135M's 0.71, 0.86, 1.03, 1.6x
 AMX_MIN_M = 4
 CSRC = Path(__file__).parent / "csrc"
 
@@ -141,6 +141,8 @@ def request_amx() -> None:
 def amx_gemm() -> bool:
     """Does the kernel run its AMX-tile GEMM here: a CPU with AMX-BF16 whose tiles Linux grants,
     and the avx512bf16 code (within $DPQ_CPU_ISA)?"""
+    if not amx():
+        return False
     ops = kernels()
     return ops is not None and ops.amx()
 
