@@ -15,6 +15,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
+#include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <torch/library.h>
@@ -422,11 +423,10 @@ void gemm_groups(const std::vector<Group>& groups, const slot_t* xp, int64_t ldx
 // Can this process run the AMX-tile GEMM: the avx512bf16 code, a CPU with AMX-TILE and AMX-BF16,
 // and Linux's permission (asked here once)?
 bool amx_ok() {
-#if DPQ_AMX
-  static const bool cpu = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16");
-#else
-  constexpr bool cpu = false;
-#endif
+  static const bool cpu = [] {  // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE
+    unsigned eax, ebx, ecx, edx;
+    return DPQ_AMX && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx >> 22 & 1) && (edx >> 24 & 1);
+  }();
   return isa() == Isa::avx512bf16 && cpu && avx512bf16::amx_permitted();
 }
 
