@@ -171,8 +171,9 @@ constexpr int AMX_ROWS = 16;
 static inline bool amx_permitted() { return false; }
 static inline void amx_configure() {}
 static inline void amx_release() {}
+static inline int64_t amx_blocks(int64_t) { return 1; }
 template <typename T>
-static void gemm_block_amx(const Weights&, const slot_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+static void gemm_block_amx(const Weights&, const slot_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                            const Epilogue&, T*, std::vector<uint32_t>&) {}
 }  // namespace avx512bf16
 #endif
@@ -364,7 +365,13 @@ enum class Mode { lanes, pairs, amx };
 // summed over K in one fixed order (batch-invariant).
 void gemm_groups(const std::vector<Group>& groups, const slot_t* xp, int64_t ldx, Mode mode, at::Tensor& y) {
   constexpr int64_t MC = 1024;  // activation rows per task: its tile is made once per MC rows
-  const int64_t nr = isa() == Isa::avx2 ? avx2::NR : avx512::NR;
+  // weight rows per task: one block of NR, or on AMX from 256 activation rows amx_blocks() blocks,
+  // whose tiles share each pass of activation rows (fewer, larger tasks: worth it where the rows
+  // outgrow L2, not at decode sizes, where the threads want many tasks to share)
+  int64_t rows = 0;
+  for (const Group& g : groups) rows += g.m1 - g.m0;
+  const int64_t blocks = mode == Mode::amx && rows >= 256 ? avx512bf16::amx_blocks(groups.front().w.k) : 1;
+  const int64_t nr = (isa() == Isa::avx2 ? avx2::NR : avx512::NR) * blocks;
   // tasks (row chunk x block of nr weight rows) of group g: [first[g], first[g + 1])
   std::vector<int64_t> first{0};
   int64_t work = 0;
@@ -403,7 +410,7 @@ void gemm_groups(const std::vector<Group>& groups, const slot_t* xp, int64_t ldx
       auto run = [&](auto* yp) {
         using T = std::remove_pointer_t<decltype(yp)>;
         if (mode == Mode::amx) {
-          avx512bf16::gemm_block_amx<T>(w, xp, ldx, m0, m1, n0, pf, groups[g].e, yp, tile);
+          avx512bf16::gemm_block_amx<T>(w, xp, ldx, m0, m1, n0, blocks, pf, groups[g].e, yp, tile);
         } else if (mode == Mode::pairs) {
           avx512bf16::gemm_block<true, T>(w, xp, ldx, m0, m1, n0, pf, groups[g].e, yp, tile);
         } else {

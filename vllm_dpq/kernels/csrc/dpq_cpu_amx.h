@@ -3,7 +3,8 @@
 // in the VNNI layout of tdpbf16ps (per 32 columns of K: two B tiles of 16 column pairs x 16 rows),
 // the activations' FP8 values read in place as A tiles (bf16, row stride ld), fp32 accumulator
 // tiles. tdpbf16ps multiplies bf16 pairs exactly (FP8 x FP8 products are exact in fp32) and
-// adds them to each output in K order; each output row depends only on its own activation row,
+// adds them to each output in the tile's pair order, chunk after chunk; each output row depends
+// only on its own activation row,
 // so a row's result does not depend on M, on its position in a tile, on the block or the
 // thread (batch-invariant, as the vector GEMMs are), though its sum order is not theirs.
 
@@ -93,20 +94,31 @@ static inline void amx_rows(const uint32_t* tile, int64_t chunks, const slot_t* 
     for (int h = 0; h < 2; ++h) store_out(e, m + i, n0 + W * h, vload(acc[2 * (i / AMX_ROWS) + h][i % AMX_ROWS]), y);
 }
 
-// y[m0:m1, n0:n0+NR] = epilogue(x8[m0:m1] . tile^T) on AMX tiles (the caller has configured them;
-// groups whole 32-column chunks, or one group: chunks32_ok)
+// Blocks of NR weight rows per task: as many as keep their tiles (2 KiB per 32 columns of K each)
+// within 1 MiB, at most 4, so that each pass of activation rows, read once into L2, serves them all
+static inline int64_t amx_blocks(int64_t k) {
+  return std::clamp<int64_t>((int64_t(1) << 20) / ((k + 31) / 32 * 2 * AMX_ROWS * W * 4), 1, 4);
+}
+
+// y[m0:m1, n0:n0 + blocks NR] = epilogue(x8[m0:m1] . tiles^T) on AMX tiles (the caller has
+// configured them; groups whole 32-column chunks, or one group: chunks32_ok): the blocks' tiles,
+// then per pass of activation rows each block in turn
 template <typename T>
 static void gemm_block_amx(const Weights& w, const slot_t* x8, int64_t ldx, int64_t m0, int64_t m1, int64_t n0,
-                           int64_t prefetch_n0, const Epilogue& e, T* y, std::vector<uint32_t>& tile) {
-  const int64_t chunks = (w.k + 31) / 32;
-  tile.resize(chunks * 2 * AMX_ROWS * W);
-  make_tile_amx(w, n0, chunks, tile.data(), prefetch_n0);
+                           int64_t blocks, int64_t prefetch_n0, const Epilogue& e, T* y, std::vector<uint32_t>& tile) {
+  const int64_t chunks = (w.k + 31) / 32, size = chunks * 2 * AMX_ROWS * W;
+  blocks = std::min(blocks, (w.n - n0 + NR - 1) / NR);
+  tile.resize(blocks * size);
+  for (int64_t b = 0; b < blocks; ++b)
+    make_tile_amx(w, n0 + b * NR, chunks, tile.data() + b * size, b + 1 < blocks ? n0 + (b + 1) * NR : prefetch_n0);
   for (int64_t m = m0; m < m1; m += 2 * AMX_ROWS) {
     const int64_t rows = std::min<int64_t>(2 * AMX_ROWS, m1 - m);
-    if (rows > AMX_ROWS) {
-      amx_rows<true>(tile.data(), chunks, x8, ldx, m, rows, n0, e, y);
-    } else {
-      amx_rows<false>(tile.data(), chunks, x8, ldx, m, rows, n0, e, y);
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (rows > AMX_ROWS) {
+        amx_rows<true>(tile.data() + b * size, chunks, x8, ldx, m, rows, n0 + b * NR, e, y);
+      } else {
+        amx_rows<false>(tile.data() + b * size, chunks, x8, ldx, m, rows, n0 + b * NR, e, y);
+      }
     }
   }
 }
