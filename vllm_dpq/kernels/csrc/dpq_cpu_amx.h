@@ -57,15 +57,60 @@ static void make_tile_amx(const Weights& w, int64_t n0, int64_t chunks, uint32_t
   }
 }
 
+// store_out of columns [j, j + 2W) of row m from two accumulators: a bf16 row segment within n
+// (64 bytes) with one store, not two masked halves
+template <typename T>
+static inline void store_out_line(const Epilogue& e, int64_t m, int64_t j, vf lo, vf hi, T* y) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (j + 2 * W <= e.n) {
+      const __m512i upper = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27,
+                                             25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+      const vi a = bf16_round(out_value(e, m, j, W, lo)), b = bf16_round(out_value(e, m, j + W, W, hi));
+      _mm512_storeu_si512(y + m * e.n + j, _mm512_permutex2var_epi16(a, upper, b));
+      return;
+    }
+  }
+  store_out(e, m, j, lo, y);
+  store_out(e, m, j + W, hi, y);
+}
+
+// The accumulators of the passes (up to 2 AMX_ROWS activation rows x NR columns each) stored from
+// the tiles and waiting for their epilogue. A vector load of what a tile store wrote waits until
+// the store reaches the cache, which is after every tile product before it, so a pass's epilogue
+// runs LAG passes later, a few rows per chunk of K, while the tiles compute.
+struct AmxOut {
+  static constexpr int LAG = 2, BUFS = LAG + 1;
+  alignas(64) float acc[BUFS][4][AMX_ROWS][W];  // [pass % BUFS][tile][row][column]
+  int64_t m[BUFS], rows[BUFS], n0[BUFS];
+  int64_t stored = 0, flushed = 0, done = 0;  // passes stored, passes through the epilogue, rows done of the next
+
+  // rows [done, until) of pass `flushed` through the epilogue into y
+  template <typename T>
+  void flush(int64_t until, const Epilogue& e, T* y) {
+    const int b = flushed % BUFS;
+    for (until = std::min(until, rows[b]); done < until; ++done) {
+      const int t = 2 * (done / AMX_ROWS), r = done % AMX_ROWS;
+      store_out_line(e, m[b] + done, n0[b], vload(acc[b][t][r]), vload(acc[b][t + 1][r]), y);
+    }
+    if (done == rows[b]) ++flushed, done = 0;
+  }
+  template <typename T>
+  void finish(const Epilogue& e, T* y) {
+    while (flushed < stored) flush(rows[flushed % BUFS], e, y);
+  }
+};
+
 // y[m, m + rows) (rows <= 2 AMX_ROWS), columns [n0, n0 + NR), from the tile; x: FP8 values as bf16
 // pairs in pair order, ldx slots a row, zero past K; AMX_ROWS - 1 readable rows after the last
-// (their results are not stored)
+// (their results are not stored). This pass's epilogue is left to out, which runs the one LAG
+// passes back meanwhile.
 template <bool TWO, typename T>
 static inline void amx_rows(const uint32_t* tile, int64_t chunks, const slot_t* x, int64_t ldx, int64_t m, int64_t rows,
-                            int64_t n0, const Epilogue& e, T* y) {
-  alignas(64) float acc[4][AMX_ROWS][W];
+                            int64_t n0, const Epilogue& e, T* y, AmxOut& out) {
   const char* a = reinterpret_cast<const char*>(x + m * ldx);
   const int64_t stride = 4 * ldx;
+  const int64_t due = out.stored - out.flushed >= AmxOut::LAG ? out.flushed : -1;  // the pass to flush meanwhile
+  const int64_t per_chunk = due < 0 ? 0 : (out.rows[due % AmxOut::BUFS] + chunks - 1) / chunks;
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (TWO) {
@@ -73,25 +118,26 @@ static inline void amx_rows(const uint32_t* tile, int64_t chunks, const slot_t* 
     _tile_zero(3);
   }
   for (int64_t c = 0; c < chunks; ++c) {
-    _tile_loadd(6, tile + 2 * c * AMX_ROWS * W, 64);
-    _tile_loadd(7, tile + (2 * c + 1) * AMX_ROWS * W, 64);
     _tile_loadd(4, a + 64 * c, stride);
+    _tile_loadd(6, tile + 2 * c * AMX_ROWS * W, 64);
     _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, tile + (2 * c + 1) * AMX_ROWS * W, 64);
     _tile_dpbf16ps(1, 4, 7);
     if constexpr (TWO) {
       _tile_loadd(5, a + AMX_ROWS * stride + 64 * c, stride);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
+    if (out.flushed == due) out.flush(out.done + per_chunk, e, y);
   }
-  _tile_stored(0, acc[0], 64);
-  _tile_stored(1, acc[1], 64);
+  const int b = out.stored++ % AmxOut::BUFS;
+  out.m[b] = m, out.rows[b] = rows, out.n0[b] = n0;
+  _tile_stored(0, out.acc[b][0], 64);
+  _tile_stored(1, out.acc[b][1], 64);
   if constexpr (TWO) {
-    _tile_stored(2, acc[2], 64);
-    _tile_stored(3, acc[3], 64);
+    _tile_stored(2, out.acc[b][2], 64);
+    _tile_stored(3, out.acc[b][3], 64);
   }
-  for (int64_t i = 0; i < rows; ++i)
-    for (int h = 0; h < 2; ++h) store_out(e, m + i, n0 + W * h, vload(acc[2 * (i / AMX_ROWS) + h][i % AMX_ROWS]), y);
 }
 
 // Blocks of NR weight rows per task: as many as keep their tiles (2 KiB per 32 columns of K each)
@@ -111,14 +157,16 @@ static void gemm_block_amx(const Weights& w, const slot_t* x8, int64_t ldx, int6
   tile.resize(blocks * size);
   for (int64_t b = 0; b < blocks; ++b)
     make_tile_amx(w, n0 + b * NR, chunks, tile.data() + b * size, b + 1 < blocks ? n0 + (b + 1) * NR : prefetch_n0);
+  AmxOut out;
   for (int64_t m = m0; m < m1; m += 2 * AMX_ROWS) {
     const int64_t rows = std::min<int64_t>(2 * AMX_ROWS, m1 - m);
     for (int64_t b = 0; b < blocks; ++b) {
       if (rows > AMX_ROWS) {
-        amx_rows<true>(tile.data() + b * size, chunks, x8, ldx, m, rows, n0 + b * NR, e, y);
+        amx_rows<true>(tile.data() + b * size, chunks, x8, ldx, m, rows, n0 + b * NR, e, y, out);
       } else {
-        amx_rows<false>(tile.data() + b * size, chunks, x8, ldx, m, rows, n0 + b * NR, e, y);
+        amx_rows<false>(tile.data() + b * size, chunks, x8, ldx, m, rows, n0 + b * NR, e, y, out);
       }
     }
   }
+  out.finish(e, y);
 }

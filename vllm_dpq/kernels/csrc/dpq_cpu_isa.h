@@ -624,20 +624,27 @@ static void gemm_block(const Weights& w, const slot_t* x8, int64_t ldx, int64_t 
 }
 
 // y[m, n] = (acc[m, n] * s_x[m]) * s_w[n] (+ bias[n]) in fp32, rounded to T (nearest even):
-// numerics.w4a8_matmul's epilogue, operation for operation; columns j.. of row m (W or fewer).
+// numerics.w4a8_matmul's epilogue, operation for operation; columns j.. of row m (c <= W).
+static inline vf out_value(const Epilogue& e, int64_t m, int64_t j, int c, vf acc) {
+  vf v = (acc * vset1(e.sx[m])) * (e.sw_per_n ? vloadn(e.sw + j, c) : vset1(e.sw[0]));
+  return e.bias ? v + vloadn(e.bias + j, c) : v;
+}
+// v rounded to bf16 (nearest even): the bf16 bits in the upper half of each 32-bit lane
+static inline vi bf16_round(vf v) {
+  const vi u = vcasti(v);
+  return vand(vadd(u, vadd(vset1i(0x7fff), vand(vsrli(u, 16), vset1i(1)))), vset1i((int)0xffff0000u));
+}
+
 template <typename T>
 static inline void store_out(const Epilogue& e, int64_t m, int64_t j, vf acc, T* y) {
   if (j >= e.n) return;
   const int c = (int)std::min<int64_t>(W, e.n - j);
-  vf v = (acc * vset1(e.sx[m])) * (e.sw_per_n ? vloadn(e.sw + j, c) : vset1(e.sw[0]));
-  if (e.bias) v = v + vloadn(e.bias + j, c);
+  const vf v = out_value(e, m, j, c, acc);
   T* o = y + m * e.n + j;
   if constexpr (std::is_same_v<T, float>) {
     vstoren(o, v, c);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    vi u = vcasti(v);
-    u = vand(vadd(u, vadd(vset1i(0x7fff), vand(vsrli(u, 16), vset1i(1)))), vset1i((int)0xffff0000u));
-    vstoren_bf16(o, vcast(u), c);
+    vstoren_bf16(o, vcast(bf16_round(v)), c);
   } else {
     alignas(64) float t[W];
     vstore(t, v);
