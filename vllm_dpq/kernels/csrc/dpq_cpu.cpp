@@ -333,7 +333,8 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, const c10::opti
   return {x8, sx.unsqueeze(1)};
 }
 
-// FP8 values of the weights, [N, K] in dtype (float32 or bfloat16)
+// FP8 values of the weights, [N, K] in dtype (float32 or bfloat16): the GEMMs' tile values made
+// whole, for the tests that check them against W4A8Weights.fp8_values() (no serving path uses it)
 at::Tensor dequantize(const at::Tensor& packed, const at::Tensor& group_scale, int64_t k, int64_t group,
                       double fp8_max, at::ScalarType dtype) {
   const Weights w = weights_of(packed, group_scale, k, group, fp8_max);
