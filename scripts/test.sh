@@ -4,6 +4,8 @@
 # (its llm-compressor serving test reads the checkpoints that venv writes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A fresh machine gains nothing from keeping a second copy of every wheel in pip's cache.
+export PIP_NO_CACHE_DIR=${PIP_NO_CACHE_DIR:-1}
 bash scripts/install.sh
 start=$SECONDS
 bash scripts/llmcompressor_env.sh
