@@ -45,13 +45,16 @@ MSE_COARSE = (torch.arange(60, 106, 5).float() / 100).tolist()
 MSE_FINE = torch.tensor([-0.04, -0.03, -0.02, -0.01, 0.01, 0.02, 0.03, 0.04]).tolist()
 # the DPQ paper's recipe: its GPTQ (no group-aware reordering unless asked, no GPTAQ correction)
 PAPER_RECIPE = dict(scale_search="max", codes="round", refit_scales=False, hessian_fp8=False, order="none",
-                    asym=False)
+                    asym=False, true_sequential=False)
 # what a recipe field left at None means, per method. gptq: the standard GPTQ users know; dpq: the
 # best recipe measured (docs/RESULTS.md, "Accuracy levers"): GAR and asymmetric calibration
 METHOD_DEFAULTS = {
-    "rtn": dict(order="none", asym=False, scale_search="mse", codes="nearest", refit_scales=False),
-    "gptq": dict(order="none", asym=False, scale_search="max", codes="round", refit_scales=True),
-    "dpq": dict(order="gar", asym=True, scale_search="mse", codes="nearest", refit_scales=False),
+    "rtn": dict(order="none", asym=False, true_sequential=False, scale_search="mse", codes="nearest",
+                refit_scales=False),
+    "gptq": dict(order="none", asym=False, true_sequential=False, scale_search="max", codes="round",
+                 refit_scales=True),
+    "dpq": dict(order="gar", asym=True, true_sequential=False, scale_search="mse", codes="nearest",
+                refit_scales=False),
 }
 
 
@@ -77,6 +80,10 @@ class Recipe:
     # full-precision model's inputs and the quantized model's inputs, scaled by asym_alpha
     asym: bool | None = None
     asym_alpha: float = 0.25
+    # GPTQ's true-sequential (and GPTAQ's own order): a decoder layer's Linears are quantized in the
+    # order they run, each group sharing an input from inputs that went through the groups before
+    # it quantized (calibration/pipeline.py); else all from one pass of the unquantized layer
+    true_sequential: bool | None = None
     # block-wise tuning of rounding and group scales through the chain (calibration/tune.py): steps
     # of signed gradient descent per decoder layer after GPTQ (0: off)
     tune_steps: int = 0
@@ -112,6 +119,8 @@ class Recipe:
             raise ValueError(f"expert_min_tokens must be >= 0, got {self.expert_min_tokens}")
         if self.asym and self.method == "rtn":
             raise ValueError("asymmetric calibration corrects GPTQ's updates: it needs --method gptq or dpq")
+        if self.true_sequential and self.method == "rtn":
+            raise ValueError("true-sequential orders GPTQ's Hessian passes: it needs --method gptq or dpq")
         if self.tune_steps and (self.method == "rtn" or self.fold != "none"):
             raise ValueError("tuning starts from GPTQ's result in the DPQ layout: it needs --method gptq or dpq "
                              "and --target dpq")

@@ -53,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--no-asym-calib saves one layer forward and a copy of the hidden states)")
     p.add_argument("--asym-alpha", type=float, default=0.25,
                    help="weight of GPTAQ's input-difference correction, in [0, 1] (default 0.25, the authors')")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize each layer's Linears in the order they run, each from inputs that went through "
+                        "the ones before it quantized (GPTQ's true-sequential; with --asym-calib, GPTAQ's own "
+                        "order); one more partial layer forward per group of Linears")
     p.add_argument("--tune", dest="tune_steps", action="store_const", const=200, default=0,
                    help="after GPTQ, tune each layer's rounding and group scales through the chain against the "
                         "full-precision layer's output (200 signed-gradient steps per layer; slow)")
@@ -135,6 +139,8 @@ def recipe_from_args(args) -> Recipe:
         opts["order"] = order
     if args.asym_calib is not None:
         opts["asym"] = args.asym_calib
+    if args.true_sequential is not None:
+        opts["true_sequential"] = args.true_sequential
     scheme = Scheme(group_size=args.group_size, fp8_max=args.fp8_max, weight_scale=args.weight_scale,
                     group_scale_dtype=args.group_scale_dtype, activation_scheme=args.activations)
     if args.target == "compressed-tensors":

@@ -93,6 +93,10 @@ def _hooked(linears: dict[str, nn.Linear], fn):
     return handles, seen, share
 
 
+class _Stop(Exception):
+    """Raised by a pass-1 hook once the pass has the inputs it needs: the rest of the layer need not run."""
+
+
 def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: Recipe, ignore: list[str],
                     result: CalibrationResult) -> float:
     """Quantize one decoder layer in place; replace inputs.hidden by its outputs. Returns the
@@ -103,72 +107,127 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
     fp_x: dict[str, torch.Tensor] = {}  # the full-precision model's inputs of the current batch
     fp8_max = recipe.scheme.fp8_max
     asym = recipe.asym and inputs.fp_hidden is not None
-    fp_pass = [False]
+    blocks = moe_blocks(layer)
+    # true-sequential: one pass per group of Linears sharing an input, in the order they run (dense
+    # layers; an MoE layer's experts would each be a group, so its Linears come from one pass)
+    sequential = recipe.true_sequential and not blocks
+    order: list[str] = []  # the input representatives (first Linear of each shared input), as they ran
+    want: set[str] = set()  # the representatives whose statistics this pass accumulates (empty: all)
+    state = {"fp": False, "stop": False}
+    originals: dict[str, torch.Tensor] = {}  # quantized Linears' original weights, for the fp stream
 
     def accumulate(name, x):
-        if fp_pass[0]:
-            fp_x[name] = x
+        if len(order) < len(linears) and name not in order:
+            order.append(name)
+        if sequential and not want:  # the first pass: the first input that runs
+            want.add(name)
+        if want and name not in want:
             return
-        if recipe.hessian_fp8:
-            x8, s_x = quantize_activation(x.reshape(-1, x.shape[-1]), None, fp8_max)
-            x = (x8 * s_x).reshape(x.shape)
-        h, n = hess.get(name, (torch.zeros(x.shape[-1], x.shape[-1], device=x.device), 0))
-        x_fp = fp_x.pop(name, None)
-        # routed experts see other tokens in the two models: no pairing, plain GPTQ for them
-        if x_fp is not None and x_fp.shape == x.shape and expert_siblings(name) == name:
-            h, cross[name], n = asym_update(h, cross.get(name, torch.zeros_like(h)), n, x, x_fp)
-            hess[name] = (h, n)
+        if state["fp"]:
+            fp_x[name] = x
         else:
-            hess[name] = hessian_update(h, n, x)
+            if recipe.hessian_fp8:
+                x8, s_x = quantize_activation(x.reshape(-1, x.shape[-1]), None, fp8_max)
+                x = (x8 * s_x).reshape(x.shape)
+            h, n = hess.get(name, (torch.zeros(x.shape[-1], x.shape[-1], device=x.device), 0))
+            x_fp = fp_x.pop(name, None)
+            # routed experts see other tokens in the two models: no pairing, plain GPTQ for them
+            if x_fp is not None and x_fp.shape == x.shape and expert_siblings(name) == name:
+                h, cross[name], n = asym_update(h, cross.get(name, torch.zeros_like(h)), n, x, x_fp)
+                hess[name] = (h, n)
+            else:
+                hess[name] = hessian_update(h, n, x)
+        if state["stop"]:
+            raise _Stop
 
-    reference = []  # pass 1 (skipped by rtn, which needs no Hessian: no layer error then)
-    blocks = moe_blocks(layer)
-    if recipe.needs_hessian:
-        handles, seen, share = _hooked(linears, accumulate)
-        for experts in blocks.values():
-            experts.route_all = recipe.experts == "all"
+    def run(hidden, kwargs, fp: bool):
+        """The layer on one batch (fp: with its original weights); None where a hook stopped it."""
+        state["fp"] = fp
+        swapped = {n: linears[n].weight.data for n in originals} if fp else {}
+        for n in swapped:
+            linears[n].weight.data = originals[n]
+        seen.clear()
         try:
-            for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs[prefix])):
-                if asym:  # first the full-precision model's inputs (kept in fp_x), then the quantized one's
-                    seen.clear()
-                    fp_pass[0] = True
-                    with torch.no_grad():
-                        out = layer(inputs.fp_hidden[b], **kwargs)
-                    inputs.fp_hidden[b] = out[0] if isinstance(out, tuple) else out
-                    fp_pass[0] = False
-                seen.clear()
-                with torch.no_grad():
-                    out = layer(hidden, **kwargs)
-                reference.append(out[0] if isinstance(out, tuple) else out)
-                fp_x.clear()
+            with torch.no_grad():
+                out = layer(hidden, **kwargs)
+            return out[0] if isinstance(out, tuple) else out
+        except _Stop:
+            return None
         finally:
-            for h in handles:
-                h.remove()
-            for experts in blocks.values():
-                experts.route_all = False
+            for n, w in swapped.items():
+                linears[n].weight.data = w
+            state["fp"] = False
+
+    def pass1(first: bool):
+        """Hessians (and cross terms) of ``want`` over every batch. The first pass runs the whole
+        unquantized layer (the reference outputs, the fp stream's next inputs); a later one stops
+        once ``want``'s inputs have run through the Linears quantized so far."""
+        state["stop"] = not first
+        for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs[prefix])):
+            if asym:  # first the full-precision model's inputs (kept in fp_x), then the quantized one's
+                out = run(inputs.fp_hidden[b], kwargs, fp=True)
+                if first:
+                    fp_next.append(out)
+            out = run(hidden, kwargs, fp=False)
+            if first:
+                reference.append(out)
+            fp_x.clear()
 
     def starved(name: str, tokens: int) -> bool:  # only experts can see too few tokens
         return expert_siblings(name) != name and tokens < recipe.expert_min_tokens
 
     fallback = replace(recipe, method="rtn", scale_search=None, codes=None, refit_scales=None, asym=False,
-                       tune_steps=0)
+                       true_sequential=False, tune_steps=0)
     tunable: dict[str, tuple[str, QuantizedWeight]] = {}  # --tune: GPTQ's results, on the device
-    for name, lin in linears.items():
-        h, n = hess.get(share.get(name), (None, 0)) if recipe.needs_hessian else (None, 0)
-        use = recipe
-        if recipe.needs_hessian and starved(name, n):
-            use, h = fallback, None
-            result.expert_fallbacks.setdefault(name, []).append("rtn")
-            logger.info("%s: %d calibration tokens (< %d): rtn", name, n, recipe.expert_min_tokens)
-        res = quantize_layer(lin.weight.data.float(), h, use, cross.get(share.get(name)) if cross and use is recipe else None)
-        if recipe.tune_steps and use is recipe:
-            tunable[name] = (name[len(prefix) + 1:], res.qw, res.rounded)
-        lin.weight.data = res.w_eff.to(device=lin.weight.device, dtype=lin.weight.dtype)
-        _store(result, name, res.qw)
-        del res
-        trim_heap()  # the quantizer's temporaries, freed: back to the OS before the next Linear
+
+    def quantize(names):
+        for name in names:
+            h, n = hess.get(share.get(name), (None, 0)) if recipe.needs_hessian else (None, 0)
+            use = recipe
+            if recipe.needs_hessian and starved(name, n):
+                use, h = fallback, None
+                result.expert_fallbacks.setdefault(name, []).append("rtn")
+                logger.info("%s: %d calibration tokens (< %d): rtn", name, n, recipe.expert_min_tokens)
+            res = quantize_layer(linears[name].weight.data.float(), h, use,
+                                 cross.get(share.get(name)) if cross and use is recipe else None)
+            if recipe.tune_steps and use is recipe:
+                tunable[name] = (name[len(prefix) + 1:], res.qw, res.rounded)
+            if sequential:
+                originals[name] = linears[name].weight.data
+            linears[name].weight.data = res.w_eff.to(device=linears[name].weight.device,
+                                                     dtype=linears[name].weight.dtype)
+            _store(result, name, res.qw)
+            del res
+            trim_heap()  # the quantizer's temporaries, freed: back to the OS before the next Linear
+
+    reference, fp_next = [], []  # pass 1 (skipped by rtn, which needs no Hessian: no layer error then)
+    share: dict[str, str] = {}
+    if recipe.needs_hessian:
+        handles, seen, share = _hooked(linears, accumulate)
+        for experts in blocks.values():
+            experts.route_all = recipe.experts == "all"
+        try:
+            pass1(first=True)
+            if sequential:  # each later group from inputs through the groups quantized before it
+                for rep in order:
+                    if rep not in want:
+                        want.clear()
+                        want.add(rep)
+                        pass1(first=False)
+                    quantize([n for n in linears if share.get(n) == rep])
+                    hess.pop(rep, None)
+                    cross.pop(rep, None)
+        finally:
+            for h in handles:
+                h.remove()
+            for experts in blocks.values():
+                experts.route_all = False
+        if asym:
+            inputs.fp_hidden = fp_next
+    quantize([n for n in linears if n not in result.layers])  # all, or (true-sequential) those that never ran
     hess.clear()
     cross.clear()
+    originals.clear()
     if tunable:  # against the full-precision model's outputs where kept (--asym-calib), else the layer's own
         from calibration.tune import tune_layer
 

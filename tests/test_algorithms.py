@@ -72,7 +72,7 @@ def test_recipe_defaults_per_method():
     assert Recipe(method="gptq", order="act").refit_scales is False  # act-order needs fixed scales
     assert list(Recipe().to_dict()) == ["method", "order", "damp", "block_size", "scale_search", "codes",
                                         "refit_scales", "hessian_fp8", "fold", "experts", "expert_min_tokens",
-                                        "asym", "asym_alpha", "tune_steps"]
+                                        "asym", "asym_alpha", "true_sequential", "tune_steps"]
 
 
 def test_refit_uses_block_start_weights():

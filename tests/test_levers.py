@@ -123,6 +123,46 @@ def test_asym_calib_in_the_pipeline(tmp_path):
         assert torch.equal(resumed[name].q, asym[name].q), name
 
 
+def test_true_sequential_quantizes_each_group_from_inputs_through_the_quantized_ones():
+    """q/k/v run first: the same codes as from one pass. o_proj's codes are exactly those of its
+    Hessian recomputed from the model with q/k/v quantized (not from the unquantized attention).
+    With --asym-calib the full-precision stream keeps the original q/k/v, so layer 0's o_proj
+    gets a correction (without the swap both streams would be equal there, as in one pass)."""
+    from conftest import tiny_model
+
+    one = _calibrate_tiny(Recipe(scheme=Scheme(32), asym=False))
+    seq = _calibrate_tiny(Recipe(scheme=Scheme(32), asym=False, true_sequential=True))
+    qkv = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    for name in one:
+        assert torch.equal(one[name].q, seq[name].q) == (name in qkv), name
+
+    model = tiny_model(num_hidden_layers=3)
+    attn = model.model.layers[0].self_attn
+    o_weight = attn.o_proj.weight.data.clone()
+    for name in qkv:
+        getattr(attn, name.rsplit(".", 1)[1]).weight.data = seq[name].dequantize(448.0)
+    h, n = torch.zeros(128, 128), 0
+
+    def grab(_mod, args):
+        nonlocal h, n
+        h, n = hessian_update(h, n, args[0])
+
+    attn.o_proj.register_forward_pre_hook(grab)
+    ids = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for batch in ids.split(4):
+            model(batch)
+    recipe = Recipe(scheme=Scheme(32), asym=False, true_sequential=True)
+    expected = quantize_layer(o_weight, h, recipe).qw
+    assert torch.equal(expected.q, seq["model.layers.0.self_attn.o_proj"].q)
+
+    asym = _calibrate_tiny(Recipe(scheme=Scheme(32), true_sequential=True))
+    assert all(torch.equal(asym[n].q, seq[n].q) for n in qkv)
+    assert not torch.equal(asym["model.layers.0.self_attn.o_proj"].q, seq["model.layers.0.self_attn.o_proj"].q)
+    with pytest.raises(ValueError, match="true-sequential"):
+        Recipe(method="rtn", true_sequential=True)
+
+
 class Block(torch.nn.Module):
     """A gated MLP with a residual, as in a decoder layer (calling convention: (hidden, **kwargs))."""
 
