@@ -50,6 +50,7 @@ CONFIGS = {  # name -> (label, quantize arguments, evaluate w4a16 too)
                  False),
     "dpq-channel": ("DPQ + per-channel s_w", ["--method", "dpq", "--no-gar", "--no-asym-calib", "--weight-scale",
                                               "channel"], False),
+    "default-seq": ("DPQ default + true-sequential", ["--method", "dpq", "--true-sequential"], False),
     "dpq-tune": ("DPQ default + block-wise tuning", ["--method", "dpq", "--tune"], False),
     "default-r1": ("DPQ default + rotation R1", ["--method", "dpq", "--rotate", "r1"], False),
     "default-r1r2": ("DPQ default + rotations R1 + R2", ["--method", "dpq", "--rotate", "r1r2"], False),
