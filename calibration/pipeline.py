@@ -111,16 +111,18 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
     # true-sequential: one pass per group of Linears sharing an input, in the order they run (dense
     # layers; an MoE layer's experts would each be a group, so its Linears come from one pass)
     sequential = recipe.true_sequential and not blocks
+    if recipe.true_sequential and blocks:
+        logger.info("%s: an MoE layer, its Linears quantized from one pass (not true-sequential)", prefix)
     order: list[str] = []  # the input representatives (first Linear of each shared input), as they ran
     want: set[str] = set()  # the representatives whose statistics this pass accumulates (empty: all)
     state = {"fp": False, "stop": False}
     originals: dict[str, torch.Tensor] = {}  # quantized Linears' original weights, for the fp stream
 
     def accumulate(name, x):
-        if len(order) < len(linears) and name not in order:
+        if sequential and name not in order:
             order.append(name)
-        if sequential and not want:  # the first pass: the first input that runs
-            want.add(name)
+            if not want:  # the first pass: the first input that runs
+                want.add(name)
         if want and name not in want:
             return
         if state["fp"]:

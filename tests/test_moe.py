@@ -249,3 +249,18 @@ def test_synthetic_moe_model_is_a_qwen3_moe(tmp_path):
     model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     assert type(model).__name__ == "Qwen3MoeForCausalLM" and not any(info.values()), info
     assert sum(p.numel() for p in model.parameters()) == shape.params()
+
+
+def test_true_sequential_keeps_moe_layers_in_one_pass():
+    """--true-sequential covers dense layers; a layer with an MoE block (every layer of Mixtral)
+    is quantized from one pass, so the codes are those of the default order."""
+    from calibration.algorithms import Recipe
+    from calibration.pipeline import calibrate
+    from vllm_dpq.numerics import Scheme
+
+    ids = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(0))
+    one, seq = (calibrate(tiny_moe("mixtral").float(), ids, Recipe(scheme=Scheme(32), true_sequential=s), ["lm_head"],
+                          progress=False).layers for s in (False, True))
+    assert one.keys() == seq.keys() and len(one) > 0
+    for name in one:
+        assert torch.equal(one[name].qw.q, seq[name].qw.q), name
