@@ -13,6 +13,7 @@ import torch
 
 from calibration.algorithms import CODES, EXPERT_ROUTING, METHODS, ORDERS, PAPER_RECIPE, SCALE_SEARCHES, Recipe
 from calibration.rotation import ROTATIONS
+from calibration.tune import TUNE_STEPS
 from vllm_dpq.numerics import Scheme
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,9 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="quantize each layer's Linears in the order they run, each from inputs that went through "
                         "the ones before it quantized (GPTQ's true-sequential; with --asym-calib, GPTAQ's own "
                         "order); one more partial layer forward per group of Linears")
-    p.add_argument("--tune", dest="tune_steps", action="store_const", const=200, default=0,
+    p.add_argument("--tune", dest="tune_steps", action="store_const", const=TUNE_STEPS, default=0,
                    help="after GPTQ, tune each layer's rounding and group scales through the chain against the "
-                        "full-precision layer's output (200 signed-gradient steps per layer; slow)")
+                        f"full-precision layer's output ({TUNE_STEPS} signed-gradient steps per layer: about 2.5x the "
+                        "calibration time)")
     p.add_argument("--tune-steps", type=int, dest="tune_steps", help="--tune with this many steps per layer")
     p.add_argument("--paper-recipe", action="store_true",
                    help="the DPQ paper's recipe: max scales, rounded codes, scales up front (overrides the three); "

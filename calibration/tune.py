@@ -35,6 +35,7 @@ from vllm_dpq.numerics import (
 
 
 FRAC = 0.499  # |start offset| < 1/2: round() gives GPTQ's code back at v = 0, a = 0
+TUNE_STEPS = 50  # --tune: steps per decoder layer (measured on SmolLM2-135M, docs/RESULTS.md)
 LR = 0.3  # default step of the offsets: LR / steps, decaying linearly (AutoRound's 1 / steps moved
 # too many of GPTQ's codes: the loss rose on a test block, 150 steps)
 
@@ -110,7 +111,7 @@ def _loss(layer, weights, batches, targets) -> float:
 
 def tune_layer(layer: nn.Module, linears: dict[str, tuple[str, QuantizedWeight, torch.Tensor]], batches: list,
                targets: list,
-               scheme: Scheme, steps: int = 200, lr: float | None = None, max_shift: float = 0.2,
+               scheme: Scheme, steps: int = TUNE_STEPS, lr: float | None = None, max_shift: float = 0.2,
                progress=None) -> dict[str, QuantizedWeight]:
     """Tune the quantized Linears of one layer against the full-precision outputs.
 
