@@ -116,7 +116,7 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
     order: list[str] = []  # the input representatives (first Linear of each shared input), as they ran
     want: set[str] = set()  # the representatives whose statistics this pass accumulates (empty: all)
     state = {"fp": False, "stop": False}
-    originals: dict[str, torch.Tensor] = {}  # quantized Linears' original weights, for the fp stream
+    originals: dict[str, torch.Tensor] = {}  # true-sequential + asym: quantized Linears' original weights
 
     def accumulate(name, x):
         if sequential and name not in order:
@@ -194,7 +194,7 @@ def calibrate_layer(layer: nn.Module, prefix: str, inputs: LayerInputs, recipe: 
                                  cross.get(share.get(name)) if cross and use is recipe else None)
             if recipe.tune_steps and use is recipe:
                 tunable[name] = (name[len(prefix) + 1:], res.qw, res.rounded)
-            if sequential:
+            if sequential and asym:  # the fp stream's later passes run the original weights
                 originals[name] = linears[name].weight.data
             linears[name].weight.data = res.w_eff.to(device=linears[name].weight.device,
                                                      dtype=linears[name].weight.dtype)
