@@ -45,6 +45,7 @@ CONFIGS = {  # name -> (label, quantize arguments, evaluate w4a16 too)
     "dpq-gar": ("DPQ + GAR", ["--method", "dpq", "--gar", "--no-asym-calib"], False),
     "dpq-asym": ("DPQ + asymmetric calibration (GPTAQ)", ["--method", "dpq", "--no-gar", "--asym-calib"], False),
     "default": ("DPQ default: GAR + asymmetric calibration", ["--method", "dpq"], False),
+    "default-nobos": ("DPQ default, calibration windows without BOS", ["--method", "dpq", "--no-bos"], False),
     "dpq-refit": ("DPQ + refit scales", ["--method", "dpq", "--no-gar", "--no-asym-calib", "--refit-scales"], False),
     "dpq-hfp8": ("DPQ + Hessian of FP8 inputs", ["--method", "dpq", "--no-gar", "--no-asym-calib", "--hessian-fp8"],
                  False),

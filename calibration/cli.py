@@ -75,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "scales fitted in stock vLLM's folded form, so `vllm-dpq export` is exact (docs/INTEROP.md)")
     p.add_argument("--num-samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every calibration window with the tokenizer's BOS token (default: when the tokenizer "
+                        "starts every text with it, as Gemma's does, so layers see the inputs they get in use)")
     p.add_argument("--activations", choices=("static", "dynamic"), default="dynamic",
                    help="FP8 activation scales: dynamic per token (default) or static per tensor")
     p.add_argument("--fp8-max", type=float, default=448.0, help="FP8 range (448 e4m3fn; 240 for Gaudi parity)")
@@ -175,7 +178,7 @@ def run(args) -> int:
     import shutil
     from pathlib import Path
 
-    from calibration.data import calibration_mix
+    from calibration.data import calibration_mix, window_bos
     from calibration.model import check_supported, load_model, load_tokenizer, local_folder
     from calibration.pipeline import calibrate
     from calibration.resume import CalibrationState, samples_digest, work_dir_for
@@ -204,7 +207,7 @@ def run(args) -> int:
     check_supported(args.model, args.trust_remote_code)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     samples, sources = calibration_mix(tokenizer, args.data, args.num_samples, args.seq_len, args.seed,
-                                       args.text_field)
+                                       args.text_field, args.bos)
     if len(sources) > 1:
         print("calibration data: " + ", ".join(f"{s['source']} {s['windows']} windows" for s in sources),
               file=sys.stderr)
@@ -240,6 +243,7 @@ def run(args) -> int:
         calibration={"data": " + ".join(s["source"] if len(sources) == 1 else f"{s['source']}:{s['share']:g}"
                                         for s in sources),
                      "sources": sources, "num_samples": args.num_samples, "seq_len": args.seq_len,
+                     "bos": window_bos(tokenizer, args.bos) is not None,
                      "seed": args.seed, "ignore": ignore,
                      **({"rotation": {k: rotation[k] for k in ("rotation", "matrix", "seed")}} if rotation else {})},
     )

@@ -11,6 +11,11 @@ Several sources are mixed (``--data A:0.7 --data B:0.3``): SOURCE:SHARE gives SH
 calibration windows (so of its tokens) to SOURCE, drawn from that source alone. Shares are
 numbers in (0, 1] summing to 1; with none given, every source gets an equal share. A source
 that exists as a path is never split at a colon.
+
+BOS: a window starts with the tokenizer's BOS token (then ``seq_len - 1`` text tokens) when the
+tokenizer puts one before every text it encodes (Gemma's does; Llama/SmolLM2's and Qwen's do not),
+so the layers are calibrated on the inputs they see in use: a model trained with BOS first reads
+a window without it as a different distribution (``--bos`` / ``--no-bos`` override).
 """
 
 from __future__ import annotations
@@ -146,32 +151,52 @@ def window_counts(shares: list[float], num_samples: int) -> list[int]:
 
 
 def token_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int,
-                  gen: torch.Generator | None = None) -> torch.Tensor:
-    """``num_samples`` windows of ``seq_len`` tokens at random offsets (gen, else torch.Generator(seed))."""
-    if num_samples <= 0 or seq_len <= 0:
-        raise DataError(f"num_samples and seq_len must be positive, got {num_samples} and {seq_len}")
-    if ids.numel() < seq_len:
-        raise DataError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+                  gen: torch.Generator | None = None, bos: int | None = None) -> torch.Tensor:
+    """``num_samples`` windows of ``seq_len`` tokens at random offsets (gen, else torch.Generator(seed));
+    ``bos``: each window is that token and ``seq_len - 1`` text tokens."""
+    width = seq_len - (bos is not None)
+    if num_samples <= 0 or width <= 0:
+        least = "positive" if bos is None else "positive (seq_len above 1 with BOS)"
+        raise DataError(f"num_samples and seq_len must be {least}, got {num_samples} and {seq_len}")
+    if ids.numel() < width:
+        raise DataError(f"calibration text has {ids.numel()} tokens, fewer than one window of {width}")
     gen = gen if gen is not None else torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (num_samples,), generator=gen)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - width + 1, (num_samples,), generator=gen)
+    windows = torch.stack([ids[s : s + width] for s in starts.tolist()])
+    if bos is not None:
+        windows = torch.cat([torch.full((num_samples, 1), bos, dtype=windows.dtype), windows], dim=1)
+    return windows
+
+
+def window_bos(tokenizer, bos: bool | None = None) -> int | None:
+    """The token calibration windows start with, or None: ``bos`` True / False forces it, None
+    (the default) means whether the tokenizer starts every text it encodes with its BOS token."""
+    token = getattr(tokenizer, "bos_token_id", None)
+    if bos and token is None:
+        raise DataError("--bos: this tokenizer has no BOS token")
+    if bos is None:
+        bos = token is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [token]
+    return token if bos else None
 
 
 def calibration_windows(tokenizer, source: str | list[str], num_samples: int = 128, seq_len: int = 512,
-                        seed: int = 0, text_field: str = "text") -> torch.Tensor:
-    """[num_samples, seq_len] int64 token ids (no special tokens added)."""
-    return calibration_mix(tokenizer, source, num_samples, seq_len, seed, text_field)[0]
+                        seed: int = 0, text_field: str = "text", bos: bool | None = None) -> torch.Tensor:
+    """[num_samples, seq_len] int64 token ids (``calibration_mix``)."""
+    return calibration_mix(tokenizer, source, num_samples, seq_len, seed, text_field, bos)[0]
 
 
 def calibration_mix(tokenizer, values: str | list[str], num_samples: int = 128, seq_len: int = 512,
-                    seed: int = 0, text_field: str = "text") -> tuple[torch.Tensor, list[dict]]:
+                    seed: int = 0, text_field: str = "text",
+                    bos: bool | None = None) -> tuple[torch.Tensor, list[dict]]:
     """The windows of the ``--data`` values (``parse_sources``) and, per source, what was drawn
     from it (name, share, windows, tokens in the source) for the checkpoint's metadata.
 
     One source: the windows of ``token_windows(ids, num_samples, seq_len, seed)``. Several: each
     source's windows drawn in turn from one torch.Generator(seed), then shuffled by it, so a
-    batch mixes the sources; the same values and seed give the same windows."""
+    batch mixes the sources; the same values and seed give the same windows. ``bos``: windows
+    start with the tokenizer's BOS token (``window_bos``); no other special token is added."""
     sources = parse_sources(values)
+    bos_id = window_bos(tokenizer, bos)
     if num_samples <= 0 or seq_len <= 0:
         raise DataError(f"num_samples and seq_len must be positive, got {num_samples} and {seq_len}")
     counts = window_counts([s.share for s in sources], num_samples)
@@ -183,12 +208,13 @@ def calibration_mix(tokenizer, values: str | list[str], num_samples: int = 128, 
     record = [{"source": s.name, "share": round(s.share, 6), "windows": n, "source_tokens": t.numel()}
               for s, n, t in zip(sources, counts, ids)]
     if len(sources) == 1:
-        return token_windows(ids[0], num_samples, seq_len, seed), record
+        return token_windows(ids[0], num_samples, seq_len, seed, bos=bos_id), record
     gen = torch.Generator().manual_seed(seed)
     parts = []
     for s, n, t in zip(sources, counts, ids):
-        if t.numel() < seq_len:
-            raise DataError(f"{s.spec}: {t.numel()} tokens, fewer than one window of {seq_len}")
-        parts.append(token_windows(t, n, seq_len, seed, gen))
+        try:
+            parts.append(token_windows(t, n, seq_len, seed, gen, bos_id))
+        except DataError as e:
+            raise DataError(f"{s.spec}: {e}") from None
     windows = torch.cat(parts)
     return windows[torch.randperm(windows.shape[0], generator=gen)], record

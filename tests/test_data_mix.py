@@ -127,3 +127,38 @@ def test_checkpoint_records_the_mix(tmp_path):
     assert [(s["source"], s["share"], s["windows"]) for s in cal["sources"]] == \
         [("austen_sensesensibility.txt", 0.75, 6), ("spare", 0.25, 2)]
     assert cal["num_samples"] == 8 and cal["seed"] == 0
+    assert cal["bos"] is False  # this tokenizer does not start a text with its BOS token <s>
+    assert quantize_main([str(model), str(out), "--data", str(sense), "--num-samples", "4", "--seq-len", "64",
+                          "--method", "rtn", "--bos", "--overwrite"]) == 0
+    assert read_checkpoint(out).config.calibration["bos"] is True
+
+
+class BosCharTokenizer(CharTokenizer):
+    """CharTokenizer that, like Gemma's, starts every text it encodes with its BOS token (id 1)."""
+
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False, verbose=True):
+        return {"input_ids": [1] * add_special_tokens + super().__call__(text)["input_ids"]}
+
+
+def test_windows_start_with_bos_where_the_tokenizer_adds_it(texts):
+    """Default: a tokenizer that adds BOS to a text gets BOS + seq_len - 1 text tokens per window,
+    the same draw as forcing it; one that does not gets plain windows; --no-bos turns it off."""
+    a, b = texts
+    ids = torch.tensor([ord(c) for c in a.read_text()])
+    windows = calibration_windows(BosCharTokenizer(), str(a), 8, SEQ, seed=5)
+    assert windows.shape == (8, SEQ) and (windows[:, 0] == 1).all()
+    assert torch.equal(windows[:, 1:], token_windows(ids, 8, SEQ - 1, 5))
+    assert torch.equal(calibration_windows(BosCharTokenizer(), str(a), 8, SEQ, seed=5, bos=False),
+                       token_windows(ids, 8, SEQ, 5))
+    mixed, _ = calibration_mix(BosCharTokenizer(), [str(a), str(b)], 12, SEQ, seed=3)
+    assert (mixed[:, 0] == 1).all() and {source_of(w[1:]) for w in mixed} == {"a", "digits"}
+
+
+def test_bos_without_a_bos_token_is_refused(texts):
+    a, _ = texts
+    assert torch.equal(calibration_windows(CharTokenizer(), str(a), 4, SEQ), calibration_windows(
+        CharTokenizer(), str(a), 4, SEQ, bos=False))  # no BOS token: plain windows by default
+    with pytest.raises(DataError, match="this tokenizer has no BOS token"):
+        calibration_windows(CharTokenizer(), str(a), 4, SEQ, bos=True)
