@@ -156,8 +156,9 @@ def memory_only(configs: dict, eager: bool, a) -> int:
 
 
 def _json(obj) -> str:
-    """JSON for the results file, the home folder written as ~ (no machine paths in results)."""
-    return json.dumps(obj, indent=1).replace(str(Path.home()), "~")
+    """JSON for the results file without machine paths: paths under the working directory
+    relative to it, the home folder written as ~."""
+    return json.dumps(obj, indent=1).replace(str(Path.cwd()) + "/", "").replace(str(Path.home()), "~")
 
 
 def _fmt(x) -> str:
