@@ -143,8 +143,8 @@ class BosCharTokenizer(CharTokenizer):
 
 
 def test_windows_start_with_bos_where_the_tokenizer_adds_it(texts):
-    """Default: a tokenizer that adds BOS to a text gets BOS + seq_len - 1 text tokens per window,
-    the same draw as forcing it; one that does not gets plain windows; --no-bos turns it off."""
+    """Default: a tokenizer that adds BOS to a text gets windows of BOS + seq_len - 1 text tokens
+    (the draw of windows that long), from one source or several; --no-bos gives the plain windows."""
     a, b = texts
     ids = torch.tensor([ord(c) for c in a.read_text()])
     windows = calibration_windows(BosCharTokenizer(), str(a), 8, SEQ, seed=5)
