@@ -191,7 +191,8 @@ def paired(base: dict, other: dict) -> dict:
 
 def merge(paths: list[Path]) -> dict:
     """The models of earlier runs' JSON files in one result (a later file's model of the same
-    name wins; a failed one never replaces a good one); ValueError where a file is missing or
+    name wins, with a note on stderr where it is another checkpoint; a failed one never replaces
+    a good one); ValueError where a file is missing or
     unreadable or its setup (tasks, items, data) is not the first file's."""
     merged: dict = {"setup": None, "models": {}}
     for path in paths:
@@ -207,6 +208,10 @@ def merge(paths: list[Path]) -> dict:
             raise ValueError(f"{path}: another setup than {paths[0]} ({', '.join(diff)} differ): its items are not the same")
         for name, m in models.items():
             if "error" not in m or "error" in merged["models"].get(name, m):
+                before = merged["models"].get(name, m).get("path")
+                if before != m.get("path"):
+                    print(f"note: {name} of {path} ({m.get('path')}) replaces an earlier file's ({before}); "
+                          f"rename one in its JSON to keep both", file=sys.stderr)
                 merged["models"][name] = m
     if "bf16" in merged["models"]:  # the paired baseline first
         merged["models"] = {"bf16": merged["models"].pop("bf16"), **merged["models"]}

@@ -163,6 +163,11 @@ def test_merge_pairs_models_of_separate_runs(tmp_path, monkeypatch, capsys):
     assert (piqa["both_right"], piqa["base_only"], piqa["other_only"], piqa["both_wrong"]) == (1, 1, 1, 1)
     assert res["paired"]["q"]["winogrande"]["difference"] == pytest.approx(0.25)
     assert "Item-paired against bf16" in out.with_suffix(".md").read_text()
+    capsys.readouterr()
+    (tmp_path / "d.json").write_text(json.dumps({"setup": setup, "models": {"q": {**q, "path": "ckpt-2"}}}))
+    assert run(tmp_path / "b.json", tmp_path / "d.json") == 0  # a same-named other checkpoint wins, said
+    assert "note: q of" in capsys.readouterr().err
+    assert json.loads(out.with_suffix(".json").read_text())["models"]["q"]["path"] == "ckpt-2"
     out.with_suffix(".json").unlink()
     capsys.readouterr()
     for files, message in [((tmp_path / "a.json", tmp_path / "c.json"), "another setup than"),
