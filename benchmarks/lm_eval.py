@@ -192,8 +192,8 @@ def paired(base: dict, other: dict) -> dict:
 def merge(paths: list[Path]) -> dict:
     """The models of earlier runs' JSON files in one result (a later file's model of the same
     name wins, with a note on stderr where it is another checkpoint; a failed one never replaces
-    a good one); ValueError where a file is missing or
-    unreadable or its setup (tasks, items, data) is not the first file's."""
+    a good one); ValueError where a file is missing or unreadable or its setup (tasks, items,
+    data) is not the first file's."""
     merged: dict = {"setup": None, "models": {}}
     for path in paths:
         try:

@@ -206,8 +206,9 @@ def run(args) -> int:
     # everything cheap that can fail is checked before the model's weights are read
     check_supported(args.model, args.trust_remote_code)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    bos = window_bos(tokenizer, args.bos) is not None  # resolved once: the windows and the metadata
     samples, sources = calibration_mix(tokenizer, args.data, args.num_samples, args.seq_len, args.seed,
-                                       args.text_field, args.bos)
+                                       args.text_field, bos)
     if len(sources) > 1:
         print("calibration data: " + ", ".join(f"{s['source']} {s['windows']} windows" for s in sources),
               file=sys.stderr)
@@ -243,7 +244,7 @@ def run(args) -> int:
         calibration={"data": " + ".join(s["source"] if len(sources) == 1 else f"{s['source']}:{s['share']:g}"
                                         for s in sources),
                      "sources": sources, "num_samples": args.num_samples, "seq_len": args.seq_len,
-                     "bos": window_bos(tokenizer, args.bos) is not None,
+                     "bos": bos,
                      "seed": args.seed, "ignore": ignore,
                      **({"rotation": {k: rotation[k] for k in ("rotation", "matrix", "seed")}} if rotation else {})},
     )
