@@ -82,6 +82,7 @@ static inline void tile_rows_k(const float* tile, int64_t ld, const float* x, in
     for (int i = 0; i < MR_; ++i)
       for (int j = 0; j < NB; ++j) acc[i][j] = s0 == 0 ? vzero() : vload(keep + (i * NR + nb + j) * W);
     const float* t = tile + nb * ld;
+#pragma GCC unroll 4  // unrolled: a few % faster at M = 8-32 on an AVX2-only EPYC (RESULTS)
     for (int64_t p = s0; p < s1; p += W) {
       vf xv[MR_];
       for (int i = 0; i < MR_; ++i) xv[i] = vload(xr + i * ld + p);
@@ -133,6 +134,7 @@ static inline void tile_rows_outer(const uint32_t* tile, int64_t ld, const float
     vf acc[MR_][2];
     for (int i = 0; i < MR_; ++i) acc[i][0] = acc[i][1] = vzero();
     const uint32_t* t = tile + l * (ld / W) * NR;
+#pragma GCC unroll 8  // unrolled: 1.02-1.1x from M = 64 on an AVX2-only EPYC (RESULTS)
     for (int64_t p = l; p < ld; p += W, t += NR) {
       const vf w0 = vcast(vloadi(t)), w1 = vcast(vloadi(t + W));
       for (int i = 0; i < MR_; ++i) {

@@ -97,24 +97,38 @@ static inline vf vlt_blend(vf x, vf lim, vf a, vf b) { return _mm256_blendv_ps(b
 static inline __m256i tail_mask(int n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
-static inline vf vloadn(const float* p, int n) { return _mm256_maskload_ps(p, tail_mask(n)); }
-static inline void vstoren(float* p, vf v, int n) { _mm256_maskstore_ps(p, tail_mask(n), v); }
+// the n-element forms take the whole vector when n == 8 (most calls): AMD's masked stores
+// (vmaskmovps) are microcoded, many times the cost of a plain store
+static inline vf vloadn(const float* p, int n) { return n == W ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, tail_mask(n)); }
+static inline void vstoren(float* p, vf v, int n) {
+  if (n == W) {
+    _mm256_storeu_ps(p, v);
+  } else {
+    _mm256_maskstore_ps(p, tail_mask(n), v);
+  }
+}
 static inline void vstoren_bf16(c10::BFloat16* p, vf v, int n) {
-  alignas(32) uint32_t b[8];
-  _mm256_store_si256((__m256i*)b, _mm256_srli_epi32(_mm256_castps_si256(v), 16));
-  for (int i = 0; i < n; ++i) reinterpret_cast<uint16_t*>(p)[i] = (uint16_t)b[i];
+  const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  const __m128i b = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  if (n == W) {
+    _mm_storeu_si128((__m128i*)p, b);
+  } else {
+    alignas(16) uint16_t t[8];
+    _mm_store_si128((__m128i*)t, b);
+    for (int i = 0; i < n; ++i) reinterpret_cast<uint16_t*>(p)[i] = t[i];
+  }
+}
+// the n 16-bit values at p, zero past them
+static inline __m128i load_u16n(const void* p, int n) {
+  if (n == W) return _mm_loadu_si128((const __m128i*)p);
+  alignas(16) uint16_t b[8] = {0};
+  for (int i = 0; i < n; ++i) b[i] = reinterpret_cast<const uint16_t*>(p)[i];
+  return _mm_load_si128((const __m128i*)b);
 }
 static inline vf vload_bf16n(const c10::BFloat16* p, int n) {
-  alignas(16) uint16_t b[8] = {0};
-  for (int i = 0; i < n; ++i) b[i] = reinterpret_cast<const uint16_t*>(p)[i];
-  __m256i w = _mm256_cvtepu16_epi32(_mm_load_si128((const __m128i*)b));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load_u16n(p, n)), 16));
 }
-static inline vf vload_f16n(const c10::Half* p, int n) {
-  alignas(16) uint16_t b[8] = {0};
-  for (int i = 0; i < n; ++i) b[i] = reinterpret_cast<const uint16_t*>(p)[i];
-  return _mm256_cvtph_ps(_mm_load_si128((const __m128i*)b));
-}
+static inline vf vload_f16n(const c10::Half* p, int n) { return _mm256_cvtph_ps(load_u16n(p, n)); }
 static inline vi codes(const int32_t* row, int nw) {
   (void)nw;  // one word per chunk, always in the row
   const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
