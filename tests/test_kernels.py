@@ -180,11 +180,12 @@ def test_cpu_kernel_quantizes_activations_exactly(x_dtype, m, k, isa):
 @pytest.mark.parametrize("n,k,g", [(40, 72, 24), (48, 160, 32), (17, 101, -1)])
 def test_cpu_grouped_linear_equals_each_experts_call(n, k, g, path, static, x_dtype, isa, monkeypatch):
     """A MoE projection's experts in one grouped kernel call (cpu.CpuExperts, rows grouped by
-    expert, experts without rows among them) give every row the bits of its own expert's
+    expert, experts without rows among them, one with enough rows for the AVX2 GEMM's outer form
+    and its chain-ordered activations) give every row the bits of its own expert's
     CpuBackend.apply, which the tests above hold against the reference (each GEMM forced)."""
     monkeypatch.setenv(cpu.ENV_GEMM, isa_gemm(isa.isa()))
     cpu_path(monkeypatch, path)
-    counts = [3, 0, 9, 1, 6, 0]
+    counts = [3, 0, 70, 1, 6, 0]
     made = [make(n, k, Scheme(group_size=g, weight_scale="channel" if g == -1 else "tensor"), static, seed=e,
                   m=max(c, 1), dtype=x_dtype) for e, c in enumerate(counts)]
     packed = torch.stack([w.packed for *_, w in made])

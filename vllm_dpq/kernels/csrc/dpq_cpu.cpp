@@ -364,7 +364,8 @@ enum class Mode { lanes, pairs, amx };
 // y[m0:m1] = epilogue(x8[m0:m1] . W^T) for every group, in one parallel region: the kernel's own
 // GEMM (dpq_cpu_isa.h, dpq_cpu_amx.h), FP8 weight tiles made from the INT4 codes; each output
 // summed over K in one fixed order (batch-invariant).
-void gemm_groups(const std::vector<Group>& groups, const slot_t* xp, int64_t ldx, Mode mode, at::Tensor& y) {
+void gemm_groups(const std::vector<Group>& groups, const slot_t* xp, const float* xchain, int64_t ldx, Mode mode,
+                 at::Tensor& y) {
   constexpr int64_t MC = 1024;  // activation rows per task: its tile is made once per MC rows
   // weight rows per task: one block of NR, or on AMX from 256 activation rows amx_blocks() blocks,
   // whose tiles share each pass of activation rows (fewer, larger tasks: worth it where the rows
@@ -413,9 +414,9 @@ void gemm_groups(const std::vector<Group>& groups, const slot_t* xp, int64_t ldx
         if (mode == Mode::amx) {
           avx512bf16::gemm_block_amx<T>(w, xp, ldx, m0, m1, n0, blocks, pf, groups[g].e, yp, tile);
         } else if (mode == Mode::pairs) {
-          avx512bf16::gemm_block<true, T>(w, xp, ldx, m0, m1, n0, pf, groups[g].e, yp, tile);
+          avx512bf16::gemm_block<true, T>(w, xp, nullptr, ldx, m0, m1, n0, pf, groups[g].e, yp, tile);
         } else {
-          DPQ_ISA(gemm_block<false, T>(w, xp, ldx, m0, m1, n0, pf, groups[g].e, yp, tile));
+          DPQ_ISA(gemm_block<false, T>(w, xp, xchain, ldx, m0, m1, n0, pf, groups[g].e, yp, tile));
         }
       };
       switch (y.scalar_type()) {
@@ -442,7 +443,7 @@ bool amx_ok() {
 // g (weights[g], epilogues[g]: their s_x pointer is filled here); y in x's dtype. The GEMM:
 // AMX tiles where asked (amx), else bf16 pair slots where groups are whole 32-column chunks,
 // else fp32 (the same exact products); the AVX2 code's fp32 GEMM takes x in its own order of
-// 64-column chunks.
+// 64-column chunks, and in chain order too where a segment has avx2::OUTER_MIN_M rows or more.
 at::Tensor gemm(const at::Tensor& x, const std::vector<int64_t>& offsets, const std::vector<Weights>& weights,
                 std::vector<Epilogue> epilogues, const c10::optional<at::Tensor>& input_scale, double fp8_max,
                 bool gemm_bf16, bool amx, int64_t n) {
@@ -460,12 +461,23 @@ at::Tensor gemm(const at::Tensor& x, const std::vector<int64_t>& offsets, const 
                                 bf16 || lanes_k, offsets.size() > 2 ? &offsets : nullptr,
                                 mode == Mode::amx ? avx512bf16::AMX_ROWS - 1 : 0);
   std::vector<Group> groups;
+  bool outer = false;
   for (size_t g = 0; g < weights.size(); ++g) {
     if (offsets[g] == offsets[g + 1]) continue;
     epilogues[g].sx = sx.data_ptr<float>();
     groups.push_back(Group{weights[g], epilogues[g], offsets[g], offsets[g + 1]});
+    outer = outer || offsets[g + 1] - offsets[g] >= avx2::OUTER_MIN_M;
   }
-  gemm_groups(groups, static_cast<const slot_t*>(x8.data_ptr()), ldx, mode, y);
+  at::Tensor xchain;
+  if (lanes_k && outer) {
+    xchain = at::empty_like(x8);
+    const float* xk = x8.data_ptr<float>();
+    float* xo = xchain.data_ptr<float>();
+    at::parallel_for(0, x.size(0), std::max<int64_t>(1, (1 << 15) / ldx),
+                     [&](int64_t m0, int64_t m1) { avx2::chain_rows(xk, ldx, xo, m0, m1); });
+  }
+  gemm_groups(groups, static_cast<const slot_t*>(x8.data_ptr()), xchain.defined() ? xchain.data_ptr<float>() : nullptr,
+              ldx, mode, y);
   return y;
 }
 

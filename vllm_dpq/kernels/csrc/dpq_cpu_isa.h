@@ -589,11 +589,13 @@ static inline void tile_rows_pairs(const uint32_t* tile, int64_t chunks, const s
 #endif
 
 // y[m0:m1, n0:n0+NR] = epilogue(x8[m0:m1] . tile^T). PAIRS: x8 [M, ldx slots] in pair order (ldx
-// = 16 per 32 columns); else fp32 [M, ldx = K]; zero past K. Weight rows from prefetch_n0 (the
-// block this thread does next; N: none) are prefetched while the tile is made.
+// = 16 per 32 columns); else fp32 [M, ldx = K]; zero past K; the AVX2 code: [M, ldx = K rounded
+// up to 64] in k_col order, and xchain the same rows in chain order (chain_rows) where the block
+// has OUTER_MIN_M rows or more (else unused). Weight rows from prefetch_n0 (the block this thread
+// does next; N: none) are prefetched while the tile is made.
 template <bool PAIRS, typename T>
-static void gemm_block(const Weights& w, const slot_t* x8, int64_t ldx, int64_t m0, int64_t m1, int64_t n0, int64_t prefetch_n0,
-                       const Epilogue& e, T* y, std::vector<uint32_t>& tile) {
+static void gemm_block(const Weights& w, const slot_t* x8, const float* xchain, int64_t ldx, int64_t m0, int64_t m1,
+                       int64_t n0, int64_t prefetch_n0, const Epilogue& e, T* y, std::vector<uint32_t>& tile) {
   // rows m0..m1 in passes of at most R rows, of nearly equal size (a pass of few rows reads the
   // whole tile for little work: 32 rows are 6+6+5+5+5+5, not 5x6+2)
   auto rows = [&](auto&& block, auto r) {
@@ -627,7 +629,7 @@ static void gemm_block(const Weights& w, const slot_t* x8, int64_t ldx, int64_t 
   make_tile_k(w, n0, ldx, t, prefetch_n0);
   if (m1 - m0 >= OUTER_MIN_M) {
     chain_tile(t, ldx, tile.data() + NR * ldx);
-    return rows([&](auto mr, int64_t m) { tile_rows_outer<decltype(mr)::value>(tile.data() + NR * ldx, ldx, x, m, n0, e, y); },
+    return rows([&](auto mr, int64_t m) { tile_rows_outer<decltype(mr)::value>(tile.data() + NR * ldx, ldx, xchain, m, n0, e, y); },
                 std::integral_constant<int, MRO>{});
   }
   for (int64_t s = 0; s < ldx; s += KS)
