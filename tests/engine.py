@@ -102,11 +102,17 @@ def run_engine(script: str | Path, job: dict, workdir: Path, env: dict, timeout:
 @contextlib.contextmanager
 def llm(model: str, **kw):
     """A vLLM ``LLM`` with the tests' settings (eager, 0.3 of memory, no tokenizer, bf16,
-    max_model_len 256; ``kw`` overrides them), its engine shut down on exit."""
+    max_model_len 256; ``kw`` overrides them), its engine shut down on exit. In a child started
+    with ``engine_env(in_process=True)``, a single-rank engine's worker runs in this process too
+    (``distributed_executor_backend="uni"``): nothing is spawned."""
     from vllm import LLM
 
-    engine = LLM(model, **{**dict(enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=256,
-                                  skip_tokenizer_init=True, dtype="bfloat16"), **kw})
+    defaults = dict(enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=256, skip_tokenizer_init=True,
+                    dtype="bfloat16")
+    ranks = kw.get("tensor_parallel_size", 1) * kw.get("pipeline_parallel_size", 1)
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and ranks == 1:
+        defaults["distributed_executor_backend"] = "uni"
+    engine = LLM(model, **{**defaults, **kw})
     try:
         yield engine
     finally:

@@ -1,7 +1,8 @@
 """`--ignore` patterns (a name suffix, a glob, a regex) resolve to the concrete names of the
 layers calibration skipped; vLLM serves each checkpoint with exactly those layers unquantized
 (their plain weights loaded, the rest W4A8), agreeing with the reference forward. All three
-checkpoints are served by one engine process, one after another."""
+checkpoints are served by one process (tests/test_plugin_engine.py's child), one engine after
+another (in that process: nothing spawned)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 
 import engine
 from conftest import save_tiny_model_dir
-from test_plugin_engine import MAX_TOKENS, reference_logprobs, run_vllm
+import test_plugin_engine
+from test_plugin_engine import MAX_TOKENS, reference_logprobs
 
 PATTERNS = {
     "suffix": ("down_proj", {f"model.layers.{i}.mlp.down_proj" for i in range(2)}),
@@ -35,8 +37,8 @@ def test_ignore_patterns_are_served_as_calibrated(tmp_path):
         assert ck.config.calibration["ignore"] == ["lm_head", pattern]
         assert all(f"{name}.weight" in ck.tensors for name in skipped) and not skipped & set(ck.layers)
 
-    run = engine.run_engine(__file__, {"models": {k: str(v) for k, v in ckpts.items()}}, tmp_path / "job",
-                            engine.engine_env(backend="cpu", apply_model=True))
+    run = engine.run_engine(test_plugin_engine.__file__, {"models": {k: str(v) for k, v in ckpts.items()}}, tmp_path / "job",
+                            engine.engine_env(backend="cpu", apply_model=True, in_process=True))
     results = run.ok()
     for kind, path in ckpts.items():
         tokens, logprobs = results[kind]["tokens"], results[kind]["logprobs"]
@@ -47,6 +49,3 @@ def test_ignore_patterns_are_served_as_calibrated(tmp_path):
                 gap = ref_lp[step].max().item() - ref_lp[step, t].item()
                 assert gap < 0.5 and abs(lp - ref_lp[step, t].item()) < 1.0, (kind, step, gap, lp)
 
-
-if __name__ == "__main__":
-    engine.child_main(lambda job: {kind: run_vllm({"model": m}) for kind, m in job["models"].items()})

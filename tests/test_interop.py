@@ -418,14 +418,14 @@ def test_vllm_serves_compressed_tensors_checkpoints(ct_ckpts, tmp_path):
 
 
 def check_served_like_reference(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    """Serve each compressed-tensors checkpoint with quantization="dpq" (one engine child):
+    """Serve each compressed-tensors checkpoint with quantization="dpq" (one child, its engines in it):
     the plugin's scales are the fold of the checkpoint's, greedy logprobs match the W4A8
     reference forward (closer than the W4A16 reading of the same checkpoint)."""
     from vllm_dpq.reference import load_reference_model
 
     names = list(ckpts)
     run = engine.run_engine(__file__, {"paths": [str(ckpts[n]) for n in names]}, tmp_path / "job",
-                            engine.engine_env(backend="cpu", apply_model=True))  # apply_model(probe)
+                            engine.engine_env(backend="cpu", apply_model=True, in_process=True))  # apply_model(probe)
     results = run.ok()
 
     for name, res in zip(names, results):

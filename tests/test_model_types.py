@@ -284,7 +284,7 @@ def test_generate_base_model_with_short_context(family, served):
 
 def run_job(job: dict) -> dict:
     """Every checkpoint of job["models"] in turn, one engine at a time (each shut down before the next),
-    with the engine arguments job["llm"] (default: the worker in this process)."""
+    with the engine arguments job["llm"] (default: engine.llm's)."""
     import traceback
 
     from vllm import SamplingParams
@@ -293,8 +293,7 @@ def run_job(job: dict) -> dict:
     out = {}
     for model_type, path in job["models"].items():
         try:
-            with engine.llm(path, seed=0, enable_prefix_caching=False,
-                            **job.get("llm", {"distributed_executor_backend": "uni"})) as llm:
+            with engine.llm(path, seed=0, enable_prefix_caching=False, **job.get("llm", {})) as llm:
                 outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
         except Exception:  # one architecture's failure is reported by its own test
             out[model_type] = {"error": traceback.format_exc()[-4000:]}

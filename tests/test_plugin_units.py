@@ -215,6 +215,39 @@ def test_merged_static_input_scales_differ_uses_max(tp1, caplog):
     assert "different static input scales" in caplog.text
 
 
+def test_log_lines_reach_vllms_handlers_set_up_after_registration():
+    """vLLM 0.32 sets up its log handlers when it builds an engine, after loading the plugins
+    in that process (an engine in the caller's process): the plugin's lines still reach them,
+    at vLLM's level."""
+    from vllm_dpq.plugin import linear_method, register
+
+    ours, vllm = logging.getLogger("vllm_dpq"), logging.getLogger("vllm")
+    saved = (ours.handlers, ours.level, ours.propagate, vllm.handlers, vllm.level)
+
+    class Lines(logging.Handler):
+        lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    try:
+        ours.handlers, vllm.handlers = [], []
+        register()  # no vLLM handler yet: nothing to share
+        assert ours.handlers == []
+        vllm.addHandler(Lines())
+        vllm.setLevel(logging.WARNING)
+        linear_method._announced.clear()
+        linear_method.announce("test:info", logging.INFO, "DPQ: an info line")
+        linear_method.announce("test:warning", logging.WARNING, "DPQ: a %s line", "warning")
+        assert Lines.lines == ["DPQ: a warning line"]
+    finally:
+        ours.handlers, vllm.handlers = saved[0], saved[3]
+        ours.setLevel(saved[1])
+        vllm.setLevel(saved[4])
+        ours.propagate = saved[2]
+        linear_method._announced.clear()
+
+
 @pytest.mark.parametrize("kind, missing", [
     ("qkv", "model.layers.0.self_attn.k_proj.weight_group_scale"),
     ("qkv", "model.layers.0.self_attn.v_proj.weight_packed"),

@@ -167,14 +167,18 @@ def test_malformed_requests_get_4xx_and_server_survives(server, client):
     assert r.choices[0].text, r
 
 
-@pytest.mark.parametrize("entry", [["-m", "vllm_dpq.serve"], ["-m", "vllm_dpq.cli", "serve"]])
-def test_serve_help_is_vllm_serve_help(entry):
-    """`vllm-dpq serve --help` / `python -m vllm_dpq.serve --help` reach vLLM's own `serve`
-    parser (no server started)."""
+def test_serve_help_is_vllm_serve_help():
+    """`vllm-dpq serve --help` and `python -m vllm_dpq.serve --help` reach vLLM's own `serve`
+    parser (no server started); both at once (each spends its time importing vLLM)."""
     pytest.importorskip("vllm")
-    r = subprocess.run([sys.executable, *entry, "--help"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "usage: vllm serve" in r.stdout, r.stdout[-3000:]
+    procs = {name: subprocess.Popen([sys.executable, *entry, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+             for name, entry in (("vllm_dpq.serve", ["-m", "vllm_dpq.serve"]),
+                                 ("vllm-dpq serve", ["-m", "vllm_dpq.cli", "serve"]))}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (name, err[-3000:])
+        assert "usage: vllm serve" in out, (name, out[-3000:])
 
 
 def rows_varying_with_batch(n: int = 49152, k: int = 576) -> int:

