@@ -7,9 +7,9 @@ Every engine runs in a subprocess (vLLM on CPU spawns processes) through tests/e
 (``vllm-dpq quantize --method rtn --scale-search max``, 8 x 256 calibration tokens: ~15 s on an
 idle 2-core machine; the algorithm does not matter for serving parity). Four children in all:
 parity (eager and compiled engines), TP1, TP2 + PP2 + the refused group-128 TP2 engine, and the
-checkpoint with a missing tensor; the
-single-rank engines run in their child's own process, nothing spawned (vLLM starts such an engine
-in seconds in process, tens of seconds with its engine-core process spawned).
+checkpoint with a missing tensor; the single-rank engines run in their child's own process,
+nothing spawned (vLLM starts such an engine in seconds in process, tens of seconds with its
+engine-core process spawned).
 
 How close is "the same": FP8 activations amplify rounding differences. An activation element
 whose FP8 rounding flips moves by up to 1/16 of its value, and each of the 30 layers re-quantizes
